@@ -1,0 +1,36 @@
+# confeti_jax: two commands a user needs. `make demo` trains and evaluates the
+# embedded toy benchmark; `make test` lints and runs the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/toy_demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint venv clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: requirements-test.txt requirements.txt $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py --workdir=$(WORKDIR)
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check confeti_jax configs scripts tests
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""confeti_jax: unsupervised domain-adaptive semantic segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"
