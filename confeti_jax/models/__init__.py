@@ -1,0 +1,32 @@
+"""Flax modules of the segmentor and the builder the trainer uses to create it from a config."""
+
+import jax.numpy as jnp
+
+from confeti_jax.models.deeplabv2 import BACKBONES, DeepLabV2
+from confeti_jax.models.resnet import ResNetV1c, stage_channels
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+__all__ = [
+    "BACKBONES", "DTYPES", "DeepLabV2", "ResNetV1c", "build_segmentor", "parse_dtype",
+    "stage_channels",
+]
+
+
+def parse_dtype(name: str):
+  """Config string -> jnp dtype; configs hold strings so they stay printable and overridable."""
+  if name not in DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; model.dtype must be one of {sorted(DTYPES)}.")
+  return DTYPES[name]
+
+
+def build_segmentor(model_cfg, num_classes: int) -> DeepLabV2:
+  """DeepLabV2 from the `config.model` sub-dict (backbone, width, dtype, aspp_dilations)."""
+  return DeepLabV2(
+      num_classes=num_classes,
+      backbone=model_cfg.backbone,
+      width=float(model_cfg.width),
+      aspp_dilations=tuple(int(d) for d in model_cfg.aspp_dilations),
+      dtype=parse_dtype(model_cfg.dtype),
+      remat=bool(model_cfg.get("remat", False)),
+  )

@@ -1,0 +1,81 @@
+"""DeepLabV2 segmentor: ResNet-V1c backbone and the summed-ASPP classifier (DLV2Head).
+
+The head is the reference's `DLV2Head`: four parallel 3x3 convolutions from layer4
+straight to class logits, dilation = padding in (6, 12, 18, 24), with bias, and their
+outputs summed. There is no normalisation, activation, dropout or extra 1x1 classifier.
+Weights are N(0, 0.01) and biases 0 (the reference's `init_cfg` override on
+`aspp_modules`).
+
+Parameter layout (the optimiser relies on it): the backbone lives under the top-level
+name 'backbone' and every head convolution under a top-level name starting with 'aspp_'
+('aspp_0'..'aspp_3', torch `decode_head.aspp_modules.{k}.conv`). The learning-rate
+grouping labels 'backbone' as the base group and everything else as the x10 head group.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from confeti_jax.models.resnet import ResNetV1c
+
+# Backbone names accepted by DeepLabV2, mapped to ResNet depths.
+BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+
+head_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def backbone_depth(name: str) -> int:
+  """ResNet depth of a backbone name; fails with the allowed names so a config typo is clear."""
+  if name not in BACKBONES:
+    raise ValueError(
+        f"Unknown backbone {name!r}; model.backbone must be one of {sorted(BACKBONES)}.")
+  return BACKBONES[name]
+
+
+class DeepLabV2(nn.Module):
+  """DeepLabV2 with a dilated ResNet-V1c (output stride 8), as the CONFETI segmentor.
+
+  Attributes:
+    num_classes: number of output classes (19 for Cityscapes).
+    backbone: 'resnet18', 'resnet34', 'resnet50' or 'resnet101' (the reference).
+    width: channel multiplier of the backbone, for miniature runs.
+    aspp_dilations: dilation (= padding) of each parallel head convolution.
+    dtype: compute dtype; parameters stay float32 and the logits are returned as float32.
+    remat: rematerialise backbone blocks in the backward pass (same outputs, less memory).
+  """
+
+  num_classes: int = 19
+  backbone: str = "resnet101"
+  width: float = 1.0
+  aspp_dilations: tuple[int, ...] = (6, 12, 18, 24)
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def __post_init__(self):
+    # Validate at construction so a bad config fails before any tracing or compilation.
+    backbone_depth(self.backbone)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """Normalised float32 NHWC images -> (float32 logits at stride 8, backbone features).
+
+    The features dict ('layer1'..'layer4', compute dtype) is what the CAM and projection
+    heads read; 'layer4' is the tensor this head classifies.
+    """
+    feats = ResNetV1c(
+        depth=backbone_depth(self.backbone), width=self.width, dtype=self.dtype,
+        remat=self.remat, name="backbone")(x, train=train)
+    x = feats["layer4"]
+    logits = None
+    for k, d in enumerate(self.aspp_dilations):
+      branch = nn.Conv(
+          self.num_classes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
+          use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
+          kernel_init=head_kernel_init, bias_init=nn.initializers.zeros,
+          name=f"aspp_{k}")(x)
+      # Sum in float32 so a bfloat16 run does not round the logits four times.
+      branch = branch.astype(jnp.float32)
+      logits = branch if logits is None else logits + branch
+    return logits, feats
