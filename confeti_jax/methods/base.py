@@ -1,0 +1,84 @@
+"""What every method built on one DeepLabV2 student shares: model, optimiser, state, inference.
+
+A method subclasses `SegmentorMethod`, adds what it needs to the state in
+`init_state`, and implements the pure `train_step(state, batch, key)`. Only
+static values are read from the config here, so the ConfigDict never reaches jit.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from confeti_jax import augment, losses, models
+from confeti_jax import state as state_lib
+
+
+class SegmentorMethod:
+  """Base of the methods: the student segmentor and its AdamW groups."""
+
+  name = "base"
+
+  def __init__(self, config):
+    self.num_classes = int(config.num_classes)
+    self.crop_size = tuple(int(s) for s in config.data.crop_size)
+    self.total_steps = int(config.train.steps)
+    self.model = models.build_segmentor(config.model, self.num_classes)
+    self.tx = state_lib.segmentor_optimizer(config.optim, self.total_steps)
+    self.schedules = state_lib.segmentor_schedules(config.optim, self.total_steps)
+    self.model_name = f"{config.method.name}/deeplabv2_{config.model.backbone}"
+
+  # -- state ---------------------------------------------------------------------
+  def init_segmentor(self, key):
+    """Freshly initialised student variables at the crop size (float32 params)."""
+    x = jnp.zeros((1, *self.crop_size, 3), jnp.float32)
+    return self.model.init(key, x, train=False)
+
+  def init_state(self, key):
+    variables = self.init_segmentor(key)
+    return state_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        seg=state_lib.OptGroup.create(variables["params"], self.tx),
+        batch_stats=variables["batch_stats"])
+
+  # -- forward passes --------------------------------------------------------------
+  def forward_train(self, params, batch_stats, images):
+    """Student forward in train mode: (logits at stride 8, aux features, new BN stats)."""
+    (logits, aux), updates = self.model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"])
+    return logits, aux, updates["batch_stats"]
+
+  def segmentation_loss(self, params, batch_stats, images, labels, weight=None):
+    """Pixel CE of the upsampled logits (mmseg mean over all pixels)."""
+    logits, aux, batch_stats = self.forward_train(params, batch_stats, images)
+    logits = augment.resize_bilinear(logits, labels.shape[1:3])
+    loss = losses.cross_entropy(logits, labels, weight=weight)
+    return loss, (logits, aux, batch_stats)
+
+  def learning_rates(self, step):
+    return {f"lr_{group}": fn(step) for group, fn in self.schedules.items()}
+
+  # -- inference -----------------------------------------------------------------
+  def inference_variables(self, state):
+    """What evaluation needs: the student (the reference evaluates the student)."""
+    return {"params": state.seg.params, "batch_stats": state.batch_stats}
+
+  def inference_subtree(self, abstract_state):
+    """The part of the saved state that `inference_variables` reads, for partial restore."""
+    return {"seg": {"params": abstract_state.seg.params},
+            "batch_stats": abstract_state.batch_stats}
+
+  def variables_from_subtree(self, subtree):
+    return {"params": subtree["seg"]["params"], "batch_stats": subtree["batch_stats"]}
+
+  def apply_eval(self, variables, images):
+    """Eval-mode logits (BN running statistics) of normalised images."""
+    logits, _ = self.model.apply(variables, images, train=False)
+    return logits
+
+  def train_step(self, state, batch, key):
+    raise NotImplementedError("abstract: each method implements its own train_step")
+
+
+def global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))

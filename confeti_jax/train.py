@@ -1,0 +1,189 @@
+"""The one generic training loop. Sections: set-up -> mesh -> data -> state -> step ->
+restore -> loop (log, evaluate, checkpoint, preemption) -> shutdown.
+
+Everything method-specific sits behind `methods.build(config)`: its state and its
+pure `train_step(state, batch, key)`. The step is jitted once, with explicit
+shardings and the state donated; randomness is `fold_in(key(seed), step)`, so a
+resumed run draws exactly what the uninterrupted run would have.
+"""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from confeti_jax import checkpoint, evaluate, methods, sharding, writer
+from confeti_jax.data import pipeline
+
+# Keys whose change makes an existing checkpoint unusable for this config.
+_STRUCTURAL_KEYS = ("method", "model", "num_classes")
+
+
+def _check_or_write_config(config, workdir):
+  """Writes config.json; on resume refuses a config whose model/method differ."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    diffs = [k for k in _STRUCTURAL_KEYS if previous.get(k) != current.get(k)]
+    if diffs:
+      detail = "; ".join(f"{k}: checkpoint {previous.get(k)} vs config {current.get(k)}"
+                         for k in diffs)
+      raise ValueError(
+          f"The workdir {workdir} holds a run of another configuration ({detail}). "
+          "Use a new --workdir for this config, or pass the settings of the saved run.")
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def abstract_with_shardings(abstract, shardings):
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def create_state(method, config, mesh):
+  """Initialises the state directly replicated on the mesh (eval_shape -> jit init)."""
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
+  abstract = jax.eval_shape(method.init_state, init_key)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state = jax.jit(method.init_state, out_shardings=shardings)(init_key)
+  return state, abstract_with_shardings(abstract, shardings), shardings
+
+
+def make_train_step(method, config, mesh, state_shardings):
+  """The method's pure step, jitted once with shardings and the state donated."""
+  base_key = jax.random.key(config.seed)
+
+  def step_fn(state, batch):
+    key = jax.random.fold_in(base_key, state.step)
+    return method.train_step(state, batch, key)
+
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop finishes the step, saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: finishing this step, saving and exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def next_global_batch(iterators, mesh):
+  local = {name: next(it) for name, it in iterators.items()}
+  return sharding.to_global(local, mesh)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
+
+  Returns the final state (useful to tests and scripts).
+  """
+  # -- set-up ------------------------------------------------------------------
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _check_or_write_config(config, workdir)
+  logging.info("Process %d/%d with %d local / %d global devices (%s)",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())
+
+  # -- mesh --------------------------------------------------------------------
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh)
+
+  # -- data --------------------------------------------------------------------
+  src_iter, tgt_iter = pipeline.make_train_iterators(
+      config, process_index=jax.process_index(), process_count=jax.process_count())
+  iterators = {"source": src_iter, "target": tgt_iter}
+
+  # -- state -------------------------------------------------------------------
+  method = methods.build(config)
+  state, abstract_state, state_shardings = create_state(method, config, mesh)
+  train_step = make_train_step(method, config, mesh, state_shardings)
+
+  # -- restore -----------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("Resuming from the checkpoint of step %d in %s", latest, ckpt.directory)
+    del state  # free the fresh buffers before reading the saved ones
+    state = ckpt.restore(latest, abstract_state,
+                         {f"{k}_iter": v for k, v in iterators.items()})
+  first_step = int(jax.device_get(state.step))
+  total_steps = int(config.train.steps)
+
+  evaluator = evaluate.Evaluator(config, method, mesh, workdir)
+  metric_writer = writer.MetricWriter(workdir, total_steps=total_steps)
+  chrono = metric_writer.chrono
+  chrono.start(first_step)
+
+  def save(step):
+    chrono.pause()
+    ckpt.save(step, state, {f"{k}_iter": v for k, v in iterators.items()})
+    chrono.resume()
+
+  # -- loop --------------------------------------------------------------------
+  log_every = max(1, int(config.train.log_every_steps))
+  ckpt_every = max(1, int(config.train.checkpoint_every_steps))
+  eval_every = int(config.eval.every_steps)
+  summed, count = None, 0
+  step = first_step
+  with _Preemption() as preemption, metric_writer:
+    while step < total_steps:
+      batch = next_global_batch(iterators, mesh)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, batch)
+      step += 1
+      summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
+      count += 1
+
+      last = step == total_steps
+      checkpoint_now = last or step % ckpt_every == 0 or preemption.requested
+      if step % log_every == 0 or checkpoint_now:
+        # Host sync only here: averaged metrics since the last report.
+        scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+        summed, count = None, 0
+        metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
+      if eval_every > 0 and (step % eval_every == 0 or last):
+        chrono.pause()
+        evaluator.run(method.inference_variables(state), step)
+        chrono.resume()
+      if checkpoint_now:
+        save(step)
+      if preemption.requested or ckpt.reached_preemption(step):
+        if not checkpoint_now:
+          save(step)
+        logging.warning("Stopped for preemption at step %d; rerun the same command to resume.",
+                        step)
+        break
+  ckpt.close()
+  logging.info("Finished at step %d (%s)", step, workdir)
+  return state
