@@ -154,36 +154,40 @@ def train_and_evaluate(config, workdir):
   log_every = max(1, int(config.train.log_every_steps))
   ckpt_every = max(1, int(config.train.checkpoint_every_steps))
   eval_every = int(config.eval.every_steps)
+  stop_at = int(config.train.stop_at_step) or total_steps
   summed, count = None, 0
   step = first_step
-  with _Preemption() as preemption, metric_writer:
-    while step < total_steps:
-      batch = next_global_batch(iterators, mesh)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_step(state, batch)
-      step += 1
-      summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
-      count += 1
+  try:
+    with _Preemption() as preemption, metric_writer:
+      while step < total_steps:
+        batch = next_global_batch(iterators, mesh)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = train_step(state, batch)
+        step += 1
+        summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
+        count += 1
 
-      last = step == total_steps
-      checkpoint_now = last or step % ckpt_every == 0 or preemption.requested
-      if step % log_every == 0 or checkpoint_now:
-        # Host sync only here: averaged metrics since the last report.
-        scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
-        summed, count = None, 0
-        metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
-      if eval_every > 0 and (step % eval_every == 0 or last):
-        chrono.pause()
-        evaluator.run(method.inference_variables(state), step)
-        chrono.resume()
-      if checkpoint_now:
-        save(step)
-      if preemption.requested or ckpt.reached_preemption(step):
-        if not checkpoint_now:
+        last = step == total_steps
+        stopping = preemption.requested or step >= stop_at
+        checkpoint_now = last or step % ckpt_every == 0 or stopping
+        if step % log_every == 0 or checkpoint_now:
+          # Host sync only here: averaged metrics since the last report.
+          scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+          summed, count = None, 0
+          metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
+        if eval_every > 0 and (step % eval_every == 0 or last):
+          chrono.pause()
+          evaluator.run(method.inference_variables(state), step)
+          chrono.resume()
+        if checkpoint_now:
           save(step)
-        logging.warning("Stopped for preemption at step %d; rerun the same command to resume.",
-                        step)
-        break
-  ckpt.close()
+        if stopping or ckpt.reached_preemption(step):
+          if not checkpoint_now:
+            save(step)
+          logging.warning("Stopped at step %d (preemption or train.stop_at_step); rerun the "
+                          "same command to resume.", step)
+          break
+  finally:
+    ckpt.close()  # waits for an async save in flight, also on errors
   logging.info("Finished at step %d (%s)", step, workdir)
   return state

@@ -51,6 +51,7 @@ def base_config():
   c.train = ml_collections.ConfigDict(dict(
       steps=80_000, batch_size=2, log_every_steps=50,
       checkpoint_every_steps=4000, keep_checkpoints=2,
+      stop_at_step=0,  # >0: save and stop cleanly after this step (time-limited jobs)
   ))
 
   # AdamW 6e-5, heads x10, wd 0.01 on all params, poly(1.0) with linear warm-up 1500.

@@ -1,0 +1,152 @@
+"""End to end: a tiny toy run trains, evaluates and checkpoints; sharding, resume and NaN.
+
+One module-level toy cache keeps rendering out of the timings; every run uses the
+`tiny=1` toy config (64x64 crops, ResNet-18 at width 1/8).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from confeti_jax import methods, sharding, train, writer
+from confeti_jax.methods import source_only
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import toy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("toy_cache"))
+
+
+def tiny_config(cache, **overrides):
+  config = toy.get_config("tiny=1")
+  config.data.toy.cache_dir = cache
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _params(state):
+  return jax.device_get(state.seg.params)
+
+
+def test_end_to_end_train_and_eval(toy_cache, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(toy_cache)
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 3
+
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for key in ("loss", "lr_backbone", "lr_head", "steps_per_sec"):
+    assert all(key in r for r in rows), key
+  assert any(name.startswith("events") for name in os.listdir(os.path.join(workdir,
+                                                                           "tensorboard")))
+
+  with open(os.path.join(workdir, "eval", "latest.json")) as f:
+    result = json.load(f)
+  assert set(result) >= {"step", "model", "dataset", "miou", "per_class_iou", "num_images"}
+  assert result["step"] == 3 and result["num_images"] == config.data.toy.num_val
+  assert len(result["per_class_iou"]) == 19
+  assert os.path.exists(os.path.join(workdir, "eval", "step_3.json"))
+  assert "mIoU" in open(os.path.join(workdir, "eval", "latest.md")).read()
+  # checkpoint_every_steps=2 and the final step; keep_checkpoints=2.
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == [2, 3]
+
+  # --mode=eval restores only the inference variables and reproduces the final eval.
+  from confeti_jax import evaluate
+  again = evaluate.run(config, workdir)
+  assert again["miou"] == pytest.approx(result["miou"], abs=1e-6)
+
+  # A different model in the same workdir is refused, naming the key.
+  other = tiny_config(toy_cache)
+  other.model.backbone = "resnet34"
+  with pytest.raises(ValueError, match="model"):
+    train.train_and_evaluate(other, workdir)
+
+
+def _run_steps(config, mesh, batches):
+  method = methods.build(config)
+  state, _, shardings = train.create_state(method, config, mesh)
+  step = train.make_train_step(method, config, mesh, shardings)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, sharding.to_global(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  return losses, _params(state), jax.device_get(state.batch_stats)
+
+
+def test_sharded_step_equals_single_device(toy_cache):
+  config = tiny_config(toy_cache)
+  rng = np.random.default_rng(0)
+  batches = [{d: {"image": rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+                  "label": rng.integers(0, 19, (8, 64, 64), dtype=np.uint8)}
+              for d in ("source", "target")} for _ in range(2)]
+  assert jax.device_count() == 8
+  l8, p8, bs8 = _run_steps(config, sharding.make_mesh(), batches)
+  l1, p1, bs1 = _run_steps(config, sharding.make_mesh(1), batches)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p8, p1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), bs8, bs1)
+
+
+def _main(workdir, cache, steps, stop_at=0):
+  cmd = [sys.executable, "-m", "confeti_jax.main", "--config=configs/toy.py:tiny=1",
+         f"--workdir={workdir}", f"--config.data.toy.cache_dir={cache}",
+         f"--config.train.steps={steps}", "--config.eval.every_steps=0",
+         f"--config.train.stop_at_step={stop_at}",
+         "--config.train.checkpoint_every_steps=100"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _saved_params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.PyTreeCheckpointer().restore(path)["seg"]["params"]
+
+
+def test_resume_in_fresh_process_is_bitwise(toy_cache, tmp_path):
+  """k=2 steps, stop, resume in a new process to 4 == 4 uninterrupted steps (CPU)."""
+  resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+  _main(resumed, toy_cache, 4, stop_at=2)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2"]
+  _main(resumed, toy_cache, 4)
+  _main(straight, toy_cache, 4)
+  a, b = _saved_params(resumed, 4), _saved_params(straight, 4)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(toy_cache, tmp_path, monkeypatch):
+  original = source_only.SourceOnly.train_step
+
+  def poisoned(self, state, batch, key):
+    state, metrics = original(self, state, batch, key)
+    metrics["loss"] = jax.numpy.where(state.step >= 3, jax.numpy.nan, metrics["loss"])
+    return state, metrics
+
+  monkeypatch.setattr(source_only.SourceOnly, "train_step", poisoned)
+  workdir = str(tmp_path / "nan")
+  config = tiny_config(toy_cache, **{"train.steps": 4, "eval.every_steps": 0})
+  with pytest.raises(writer.NonFiniteLossError, match="loss"):
+    train.train_and_evaluate(config, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [2]
+  restored = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt_dir, "2", "state"))
+  assert int(restored["step"]) == 2
