@@ -44,7 +44,8 @@ def test_locked_config_typo_names_the_key():
   code = (
       "import sys; from absl import flags; from ml_collections import config_flags;"
       "c = config_flags.DEFINE_config_file('config', lock_config=True);"
-      "flags.FLAGS(['x', '--config=configs/toy.py', '--config.train.stpes=5'])")
+      "sys.argv = ['x', '--config=configs/toy.py', '--config.train.stpes=5'];"
+      "flags.FLAGS(sys.argv)")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode != 0
   assert "stpes" in proc.stderr
@@ -54,8 +55,8 @@ def test_overrides_reach_nested_keys():
   code = (
       "import sys; from absl import flags; from ml_collections import config_flags;"
       "c = config_flags.DEFINE_config_file('config', lock_config=True);"
-      "flags.FLAGS(['x', '--config=configs/toy.py:tiny=1', '--config.data.crop_size=(32,48)',"
-      "'--config.model.backbone=resnet50']);"
+      "sys.argv = ['x', '--config=configs/toy.py:tiny=1', '--config.data.crop_size=(32,48)',"
+      "'--config.model.backbone=resnet50']; flags.FLAGS(sys.argv);"
       "print(tuple(c.value.data.crop_size), c.value.model.backbone, c.value.train.steps)")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
