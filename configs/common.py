@@ -30,7 +30,7 @@ def base_config():
   c.num_classes = 19
   c.class_set = "cityscapes19"
 
-  c.method = ml_collections.ConfigDict(dict(name="source_only"))
+  c.method = method_config("source_only")
 
   c.model = ml_collections.ConfigDict(dict(
       backbone="resnet101", width=1.0, dtype="float32", aspp_dilations=(6, 12, 18, 24),
@@ -44,7 +44,7 @@ def base_config():
   c.data.flip_prob = 0.5
   c.data.num_workers = 2
   c.data.toy = ml_collections.ConfigDict(dict(
-      enabled=False, cache_dir="", seed=0,
+      enabled=False, cache_dir="", seed=0, shift=0.5,
       num_source=300, num_source_val=60, num_target=300, num_val=60,
   ))
 
@@ -66,3 +66,23 @@ def base_config():
       crop_size=(512, 512), stride=(341, 341), batch_size=1,
   ))
   return c
+
+
+def method_config(name):
+  """The `method` sub-config for `name`: its switches with the reference defaults.
+
+  Each method adds its own builder to `_METHOD_DEFAULTS`; a config selects one with
+  `config.method = common.method_config(args.method)`.
+  """
+  if name not in _METHOD_DEFAULTS:
+    raise ValueError(f"Unknown method {name!r}; available: {sorted(_METHOD_DEFAULTS)}")
+  return ml_collections.ConfigDict(dict(name=name, **_METHOD_DEFAULTS[name]()))
+
+
+def _source_only():
+  return {}
+
+
+_METHOD_DEFAULTS = {
+    "source_only": _source_only,
+}

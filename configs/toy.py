@@ -20,7 +20,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, method="source_only", tiny=0)
   config = common.base_config()
   config.seed = 0
-  config.method.name = args.method
+  config.method = common.method_config(args.method)
 
   config.model.backbone = "resnet18"
   config.model.width = 0.25

@@ -293,11 +293,23 @@ def _noise(rng, height, width, cell):
   return np.asarray(up, np.float32)
 
 
-def _paint(c, rng, domain):
-  """RGB uint8 image of a canvas in the 'game' (flat) or 'camera' (photographic) style."""
+def _paint(c, rng, domain, shift=1.0):
+  """RGB uint8 image of a canvas in the 'game' (flat) or 'camera' (photographic) style.
+
+  `shift` in [0, 1] sets how far the camera's class colours, part shading and
+  lighting move from the game's: 0 keeps the game palette (texture, blur and
+  noise only), 1 is the full camera palette. The toy default (0.5) is a gap a
+  source-only model clearly loses on without leaving nothing to adapt from.
+  """
   colours, part_shade = _TABLES[domain]
+  if domain == "camera":
+    game_colours, game_shade = _TABLES["game"]
+    colours = game_colours + shift * (colours - game_colours)
+    part_shade = game_shade + shift * (part_shade - game_shade)
   img = colours[c.label, c.variant] * part_shade[c.part][..., None]
-  img[c.part == SKIN] = _SKIN[domain]
+  skin = np.asarray(_SKIN["game"], np.float32)
+  img[c.part == SKIN] = skin + (shift if domain == "camera" else 0.0) * (
+      np.asarray(_SKIN[domain], np.float32) - skin)
   rows = (np.arange(c.h, dtype=np.float32)[:, None] + 0.5) / c.h
   sky = (c.label == SKY)[..., None]
   if domain == "game":
@@ -314,19 +326,20 @@ def _paint(c, rng, domain):
   cast = rng.uniform(0.85, 1.1, 3).astype(np.float32)
   yy, xx = np.mgrid[0:c.h, 0:c.w].astype(np.float32)
   radius2 = ((xx - c.w / 2) / (c.w / 2)) ** 2 + ((yy - c.h / 2) / (c.h / 2)) ** 2
-  img *= (rng.uniform(0.62, 0.92) * cast) * (1 - 0.18 * radius2)[..., None]
-  img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** rng.uniform(1.05, 1.3)
+  light = 1.0 - shift * (1.0 - rng.uniform(0.62, 0.92) * cast)
+  img *= light * (1 - 0.18 * radius2)[..., None]
+  img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** (1.0 + shift * (rng.uniform(1.05, 1.3) - 1.0))
   blurred = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).filter(
       ImageFilter.GaussianBlur(rng.uniform(0.6, 1.1)))
   img = np.asarray(blurred, np.float32) + rng.normal(0, 4, (c.h, c.w, 3)).astype(np.float32)
   return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_sample(seed, stream, index, domain, size):
-  """(RGB uint8 image, uint8 labelId map) of one scene; pure in (seed, stream, index)."""
+def render_sample(seed, stream, index, domain, size, shift=1.0):
+  """(RGB uint8 image, uint8 labelId map) of one scene; pure in its arguments."""
   rng = np.random.default_rng([int(seed), int(stream), int(index)])
   canvas = _layout(rng, size[1], size[0])
-  return _paint(canvas, rng, domain), canvas.label
+  return _paint(canvas, rng, domain, shift), canvas.label
 
 
 def _save_png(array, path, palette=None):
@@ -339,7 +352,8 @@ def _save_png(array, path, palette=None):
 def _params(toy_cfg):
   return dict(version=VERSION, seed=int(toy_cfg.seed), num_source=int(toy_cfg.num_source),
               num_source_val=int(toy_cfg.num_source_val), num_target=int(toy_cfg.num_target),
-              num_val=int(toy_cfg.num_val), source_size=SOURCE_SIZE, target_size=TARGET_SIZE)
+              num_val=int(toy_cfg.num_val), source_size=SOURCE_SIZE, target_size=TARGET_SIZE,
+              shift=float(toy_cfg.get("shift", 1.0)))
 
 
 def cache_folder(toy_cfg):
@@ -373,7 +387,7 @@ def _render_into(folder, params):
     os.makedirs(image_dir)
     os.makedirs(label_dir)
     for i in range(count):
-      image, label = render_sample(seed, stream, i, "camera", TARGET_SIZE)
+      image, label = render_sample(seed, stream, i, "camera", TARGET_SIZE, params["shift"])
       stem = f"{CITY}_{stream - 2:06d}_{i:06d}"
       _save_png(image, os.path.join(image_dir, f"{stem}_leftImg8bit.png"))
       _save_png(label, os.path.join(label_dir, f"{stem}_gtFine_labelIds.png"))
