@@ -14,7 +14,8 @@ from configs import toy as toy_config
 
 def _toy_cfg(cache_dir, seed=0):
   return ml_collections.ConfigDict(dict(enabled=True, cache_dir=str(cache_dir), seed=seed,
-                                        num_source=4, num_source_val=2, num_target=4, num_val=2))
+                                        num_source=4, num_source_val=2, num_target=4, num_val=2,
+                                        shift=1.0))
 
 
 @pytest.fixture(scope="module")

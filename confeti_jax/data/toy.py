@@ -353,7 +353,7 @@ def _params(toy_cfg):
   return dict(version=VERSION, seed=int(toy_cfg.seed), num_source=int(toy_cfg.num_source),
               num_source_val=int(toy_cfg.num_source_val), num_target=int(toy_cfg.num_target),
               num_val=int(toy_cfg.num_val), source_size=SOURCE_SIZE, target_size=TARGET_SIZE,
-              shift=float(toy_cfg.get("shift", 1.0)))
+              shift=float(toy_cfg.shift))
 
 
 def cache_folder(toy_cfg):
