@@ -56,7 +56,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _maybe_initialize_distributed()
-  from confeti_jax import evaluate, train  # after distributed init: they touch JAX
+  from confeti_jax import evaluate, train, writer  # after distributed init: they touch JAX
+
+  writer.quiet_library_logs()
 
   config = _CONFIG.value
   logging.info("Config:\n%s", config)

@@ -154,7 +154,7 @@ def train_and_evaluate(config, workdir):
   log_every = max(1, int(config.train.log_every_steps))
   ckpt_every = max(1, int(config.train.checkpoint_every_steps))
   eval_every = int(config.eval.every_steps)
-  stop_at = int(config.train.stop_at_step) or total_steps
+  stop_at = int(config.train.stop_at_step)
   summed, count = None, 0
   step = first_step
   try:
@@ -168,7 +168,7 @@ def train_and_evaluate(config, workdir):
         count += 1
 
         last = step == total_steps
-        stopping = preemption.requested or step >= stop_at
+        stopping = not last and (preemption.requested or 0 < stop_at <= step)
         checkpoint_now = last or step % ckpt_every == 0 or stopping
         if step % log_every == 0 or checkpoint_now:
           # Host sync only here: averaged metrics since the last report.

@@ -12,6 +12,7 @@ anyway) and stop the run with a message saying what to do next.
 
 import contextlib
 import json
+import logging as logging_std
 import math
 import os
 import time
@@ -252,3 +253,21 @@ def _summary_writer(logdir):
     logging.warning("tensorboardX is not installed; writing %s only.", METRICS_FILE)
     return None
   return SummaryWriter(logdir)
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  """Drops INFO chatter of orbax/grain/absl internals so the progress line stays readable."""
+
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}")
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        part in record.pathname for part in self._NOISY)
+
+
+def quiet_library_logs():
+  """Keeps library INFO logs out of the console and log files (warnings still show)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+

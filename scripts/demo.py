@@ -26,8 +26,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/toy_demo", "Run directory.")
 
 def main(argv):
   del argv
-  from confeti_jax import evaluate, train
+  from confeti_jax import evaluate, train, writer
 
+  writer.quiet_library_logs()
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   t0 = time.time()

@@ -150,3 +150,32 @@ def test_nan_stops_and_keeps_last_good_checkpoint(toy_cache, tmp_path, monkeypat
   assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [2]
   restored = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt_dir, "2", "state"))
   assert int(restored["step"]) == 2
+
+
+def test_sigterm_saves_and_exits_cleanly(toy_cache, tmp_path):
+  """SIGTERM mid-run: the step finishes, state and iterators are saved, exit code 0."""
+  import signal
+  import time
+
+  workdir = str(tmp_path / "term")
+  cmd = [sys.executable, "-m", "confeti_jax.main", "--config=configs/toy.py:tiny=1",
+         f"--workdir={workdir}", f"--config.data.toy.cache_dir={toy_cache}",
+         "--config.train.steps=100000", "--config.eval.every_steps=0",
+         "--config.train.checkpoint_every_steps=100000"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert proc.poll() is None and time.time() < deadline, "run died before its first step"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  with open(metrics) as f:
+    last_logged = json.loads(f.readlines()[-1])["step"]
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert saved == [last_logged] and 0 < last_logged < 100000
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(last_logged), "state"))
+  assert int(restored["step"]) == last_logged
