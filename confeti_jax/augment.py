@@ -69,3 +69,63 @@ def resize_nearest(x, size):
   rows = jnp.floor(jnp.arange(h) * (in_h / h)).astype(jnp.int32)
   cols = jnp.floor(jnp.arange(w) * (in_w / w)).astype(jnp.int32)
   return x[:, rows][:, :, cols]
+
+
+# -- ClassMix (DACS `get_class_masks` / `one_mix`, confeti_spec.md §2.3) ------------------
+_LABEL_VALUES = 256  # uint8 label maps: every id a label can hold, 255 (ignore) included
+
+
+def class_mix_masks(key, labels):
+  """ClassMix masks [B, H, W] bool (True = paste the source pixel), DACS semantics.
+
+  The candidate classes are the label values present anywhere in the *batch* (so 255
+  and classes absent from image i can be drawn, as in the reference); each image draws
+  ceil(n / 2) of the n candidates without replacement, independently, and its mask
+  marks its own pixels whose label is among them. A uniform random k-subset is drawn
+  as the k smallest of iid uniform scores, which keeps shapes fixed under jit.
+
+  Args:
+    key: PRNG key of the ClassMix stream.
+    labels: [B, H, W] integer source labels (values < 256).
+  """
+  labels = labels.astype(jnp.int32)
+  present = jnp.zeros((_LABEL_VALUES,), bool).at[labels.reshape(-1)].set(True)
+  n = jnp.sum(present)
+  k = (n + n % 2) // 2
+
+  def choose(k_i):
+    scores = jnp.where(present, jax.random.uniform(k_i, (_LABEL_VALUES,)), 2.0)
+    rank = jnp.argsort(jnp.argsort(scores))
+    return present & (rank < k)
+
+  chosen = jax.vmap(choose)(jax.random.split(key, labels.shape[0]))
+  return jax.vmap(lambda c, lab: c[lab])(chosen, labels)
+
+
+def one_mix(mask, source, target):
+  """`mask ? source : target` per pixel, for images [B,H,W,C] or maps [B,H,W]."""
+  if source.ndim == mask.ndim + 1:
+    mask = mask[..., None]
+  return jnp.where(mask, source, target)
+
+
+def downscale_label_ratio(labels, scale, min_ratio, num_classes, ignore_index=255):
+  """mmseg `downscale_label_ratio`: majority label of each scale x scale cell, [B, h, w].
+
+  One-hot with ignore as an extra class, average-pooled (floor, no padding) and
+  arg-maxed; a cell whose majority covers less than `min_ratio` of it, or whose majority
+  is the ignore class, becomes `ignore_index`. Ties take the lowest class id (they only
+  matter for min_ratio <= 0.5).
+  """
+  if scale < 1:
+    raise ValueError(f"scale must be >= 1, got {scale}")
+  b, h, w = labels.shape
+  th, tw = h // scale, w // scale
+  labels = labels[:, :th * scale, :tw * scale].astype(jnp.int32)
+  labels = jnp.where(labels == ignore_index, num_classes, labels)
+  onehot = jax.nn.one_hot(labels, num_classes + 1, dtype=jnp.float32)
+  ratio = onehot.reshape(b, th, scale, tw, scale, num_classes + 1).mean(axis=(2, 4))
+  out = jnp.argmax(ratio, axis=-1)
+  out = jnp.where((out == num_classes) | (jnp.max(ratio, axis=-1) < min_ratio),
+                  ignore_index, out)
+  return out.astype(jnp.int32)

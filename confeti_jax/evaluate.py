@@ -337,8 +337,9 @@ class Evaluator:
     self.config, self.method, self.mesh, self.workdir = config, method, mesh, workdir
     self.dataset = config.eval.dataset
     self.prefix = "eval" if self.dataset == "target" else f"eval_{self.dataset}"
-    self.class_names = labels.CLASSES
-    self.subsets = labels.CLASS_SUBSETS if config.class_set.startswith("synthia") else None
+    # class_set: 'cityscapes19', 'synthia19' (mIoU16/13 over 19-class trainIds) or
+    # 'synthia16' (16-class head; mIoU16 = mIoU, mIoU13 over its subset), spec §7.
+    self.class_names, self.subsets = labels.class_set(config.class_set)[:2]
     step = make_eval_step(method.apply_eval, num_classes=method.num_classes,
                           mode=config.eval.mode, crop_size=tuple(config.eval.crop_size),
                           stride=tuple(config.eval.stride))
@@ -370,6 +371,14 @@ class Evaluator:
 def run(config, workdir):
   """--mode=eval: restores only the inference variables of the latest checkpoint."""
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(ckpt_dir) and config.model.get("init_from"):
+    # A released model (model.init_from, confeti_jax/weights.py) and no run of our own.
+    mesh = sharding.make_mesh()
+    method = methods.build(config)
+    variables = jax.jit(method.init_segmentor, out_shardings=sharding.replicated(mesh))(
+        jax.random.key(0))
+    os.makedirs(workdir, exist_ok=True)
+    return Evaluator(config, method, mesh, workdir).run(variables, 0)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(
         f"No checkpoints in {ckpt_dir}. Train first with the same --config and "

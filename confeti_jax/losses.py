@@ -74,3 +74,77 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=IGNORE_INDEX):
   if weight is not None:
     loss = loss * weight.astype(jnp.float32)
   return jnp.sum(loss) / loss.size
+
+
+def masked_feature_distance(f1, f2, mask=None):
+  """Mean over masked cells of the per-cell L2 distance ||f1 - f2|| (DAFormer FD, §2.6).
+
+  The reference's `masked_feat_dist`: the channel-wise Euclidean norm of the difference
+  at each cell of [B, h, w, C] feature maps, averaged over the cells where `mask` [B, h, w]
+  is True (all cells when None). Two deliberate differences, both where the reference
+  has no usable value: an empty mask gives 0 (the reference returns NaN, which it
+  tolerates because the NaN does not reach the weights, but which our non-finite guard
+  would stop on), and the gradient of the norm at a zero difference is 0 (as torch's
+  `norm` backward), where a plain sqrt would give NaN.
+  """
+  diff = f1.astype(jnp.float32) - f2.astype(jnp.float32)
+  sq = jnp.sum(jnp.square(diff), axis=-1)
+  positive = sq > 0
+  dist = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  if mask is None:
+    return jnp.mean(dist)
+  count = jnp.sum(mask)
+  total = jnp.sum(jnp.where(mask, dist, 0.0))
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def entropy_map(logits):
+  """Per-pixel entropy of softmax(logits) divided by log K, in [0, 1], float32 [B, H, W].
+
+  ADVENT's normalised entropy (-sum_c p log2(p + 1e-30) / log2 K): the same number,
+  written with log_softmax so that no 0 * log 0 is ever formed.
+  """
+  logits = logits.astype(jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1) / jnp.log(float(logits.shape[-1]))
+
+
+def entropy_loss(logits):
+  """ADVENT MinEnt loss: the normalised entropy averaged over every pixel of the batch.
+
+  Apply it to logits already upsampled to the input size, as ADVENT does.
+  """
+  return jnp.mean(entropy_map(logits))
+
+
+def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_INDEX):
+  """InfoNCE of pixel features against a bank of K class centres (CFContra's memory).
+
+  The official code's `HybridMemory.forward`: features are L2-normalised, the logits
+  are z . bank^T / temperature, and its "masked softmax" is e = exp(l - mean(l)) with
+  the mean taken over the whole N x K logit matrix, p = e / (sum_k e + 1e-6), loss =
+  NLL of log(p + 1e-6) averaged over labelled pixels. The two epsilons make it differ
+  (slightly) from a plain softmax cross-entropy, so they are kept. The bank is memory,
+  not a parameter: no gradient flows into it.
+
+  Args:
+    features: [N, D] pixel features (any scale).
+    labels: [N] integer class (positive centre) per pixel; `ignore_index` = unlabelled.
+    bank: [K, D] class centres (L2-normalised by the caller's update rule).
+    temperature: the softmax temperature tau (0.07 in the reference).
+    ignore_index: label of pixels that contribute nothing.
+
+  Returns:
+    float32 scalar; 0 when no pixel is labelled (the reference would give NaN).
+  """
+  z = features.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  bank = jax.lax.stop_gradient(bank.astype(jnp.float32))
+  logits = jnp.matmul(z, bank.T, precision=jax.lax.Precision.HIGHEST) / temperature
+  e = jnp.exp(logits - jnp.mean(logits))
+  p = e / (jnp.sum(e, axis=-1, keepdims=True) + 1e-6)
+  valid = labels != ignore_index
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  nll = -jnp.log(jnp.take_along_axis(p, safe[:, None], axis=-1)[:, 0] + 1e-6)
+  count = jnp.sum(valid)
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32)

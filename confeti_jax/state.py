@@ -5,6 +5,8 @@ maps state -> state, one orbax item checkpoints it, and one sharding rule places
 it. Networks a method does not use stay `None` (an empty pytree).
 """
 
+import functools
+import re
 from typing import Any
 
 import jax
@@ -92,28 +94,82 @@ def head_or_backbone(params):
 
 
 def segmentor_schedules(optim_cfg, total_steps):
-  """The per-group learning-rate schedules: {'backbone': fn, 'head': fn}."""
+  """The per-group learning-rate schedules: {'backbone': fn, 'head': fn}.
+
+  The poly decay runs over `optim.schedule_steps` when a config sets it (> 0): ADVENT
+  decays over MAX_ITERS=250k but stops at 120k, so its rate never reaches 0.
+  """
+  schedule_steps = int(optim_cfg.get("schedule_steps", 0) or 0) or total_steps
+
   def make(mult):
     return poly_warmup_schedule(
-        optim_cfg.lr * mult, total_steps=total_steps, power=optim_cfg.poly_power,
+        optim_cfg.lr * mult, total_steps=schedule_steps, power=optim_cfg.poly_power,
         min_lr=optim_cfg.min_lr * mult, warmup_steps=optim_cfg.warmup_steps,
         warmup_ratio=optim_cfg.warmup_ratio)
   return {"backbone": make(1.0), "head": make(optim_cfg.head_lr_mult)}
 
 
-def segmentor_optimizer(optim_cfg, total_steps):
-  """AdamW over the segmentor with heads at x`head_lr_mult`, weight decay on all params."""
-  if optim_cfg.name != "adamw":
-    raise ValueError(f"optim.name={optim_cfg.name!r} is not supported here; use 'adamw'.")
-  schedules = segmentor_schedules(optim_cfg, total_steps)
-  groups = {
-      label: optax.adamw(fn, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                         weight_decay=optim_cfg.weight_decay)
-      for label, fn in schedules.items()
-  }
-  return optax.multi_transform(groups, head_or_backbone)
+def _is_backbone_batch_norm(path):
+  """A leaf of a BatchNorm under 'backbone' (module names stem_bnK, bnK, downsample_bn)."""
+  names = [str(getattr(k, "key", k)) for k in path]
+  return names[0] == "backbone" and any(re.fullmatch(r"(.*_)?bn\d*", n) for n in names[1:-1])
+
+
+def segmentor_labels(params, *, freeze_bn=False, frozen=()):
+  """`head_or_backbone` with 'frozen' for frozen BN affine params and frozen modules."""
+  def relabel(path, label):
+    if str(getattr(path[0], "key", path[0])) in frozen:
+      return "frozen"
+    return "frozen" if freeze_bn and _is_backbone_batch_norm(path) else label
+  return jax.tree_util.tree_map_with_path(relabel, head_or_backbone(params))
+
+
+def segmentor_optimizer(optim_cfg, total_steps, *, frozen=()):
+  """The segmentor's optimiser, heads at x`head_lr_mult`: AdamW (reference) or SGD (ADVENT).
+
+  'adamw': weight decay on all params. 'sgd': torch.optim.SGD as ADVENT uses it, the
+  weight decay added to the gradient before the momentum (coupled), momentum without
+  dampening or Nesterov. `optim.freeze_bn` leaves the backbone's BatchNorm scale/bias
+  untouched (ADVENT sets requires_grad=False on them: no update and no decay); `frozen`
+  names top-level modules that are never trained (CFContra's projection head).
+  """
+  if optim_cfg.name == "adamw":
+    make = lambda fn: optax.adamw(fn, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                                  weight_decay=optim_cfg.weight_decay)
+  elif optim_cfg.name == "sgd":
+    make = lambda fn: optax.chain(
+        optax.add_decayed_weights(optim_cfg.weight_decay),
+        optax.sgd(fn, momentum=float(optim_cfg.get("momentum", 0.9))))
+  else:
+    raise ValueError(f"optim.name={optim_cfg.name!r} is not supported; use 'adamw' or 'sgd'.")
+  groups = {label: make(fn) for label, fn in segmentor_schedules(optim_cfg, total_steps).items()}
+  freeze_bn = bool(optim_cfg.get("freeze_bn", False))
+  if not (freeze_bn or frozen):
+    return optax.multi_transform(groups, head_or_backbone)
+  groups["frozen"] = optax.set_to_zero()
+  return optax.multi_transform(
+      groups, functools.partial(segmentor_labels, freeze_bn=freeze_bn, frozen=tuple(frozen)))
 
 
 def copy_tree(tree):
   """A fresh-buffer copy (a donated state must not alias the same buffer twice)."""
   return jax.tree.map(jnp.copy, tree)
+
+
+def ema_alpha(step, alpha=0.999):
+  """Mean-teacher rate alpha_t = min(1 - 1/(t+1), alpha) (DAFormer `_update_ema`, §2.1)."""
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(1.0 - 1.0 / (t + 1.0), alpha)
+
+
+def ema_update(teacher_params, student_params, step, alpha=0.999):
+  """teacher <- alpha_t * teacher + (1 - alpha_t) * student, leaf by leaf.
+
+  At t = 0 alpha_t = 0, so the teacher becomes an exact copy of the student: the
+  reference's iteration-0 initialisation needs no separate branch. The early ramp makes
+  the teacher a running average of all student iterates until t = 1/(1 - alpha).
+  """
+  a = ema_alpha(step, alpha)
+  return jax.tree.map(
+      lambda t, s: (a * t.astype(jnp.float32) + (1.0 - a) * s.astype(jnp.float32)).astype(t.dtype),
+      teacher_params, student_params)

@@ -35,10 +35,24 @@ def base_config():
   c.model = ml_collections.ConfigDict(dict(
       backbone="resnet101", width=1.0, dtype="float32", aspp_dilations=(6, 12, 18, 24),
   ))
+  # Weights (confeti_jax/weights.py; convert .pth once with scripts/convert_weights.py):
+  # `pretrained` = ImageNet backbone (.npz/.safetensors; the reference loads
+  # open-mmlab resnet101_v1c), `init_from` = a whole segmentor, e.g. a released model.
+  c.model.pretrained = ""
+  c.model.init_from = ""
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = ml_collections.ConfigDict(dict(kind="gta5", root="", scale=(1280, 720)))
-  c.data.target = ml_collections.ConfigDict(dict(kind="cityscapes", root="", scale=(1280, 640)))
+  # format 'folder' reads the dataset's own layout at `root`; 'tfds' reads the ArrayRecord
+  # copy under `tfds_dir` (scripts/prepare_data.py --tfds_dir).
+  c.data.source = ml_collections.ConfigDict(dict(
+      kind="gta5", root="", scale=(1280, 720), format="folder", tfds_dir=""))
+  c.data.target = ml_collections.ConfigDict(dict(
+      kind="cityscapes", root="", scale=(1280, 640), format="folder", tfds_dir=""))
+  c.data.check_sizes = True  # read every PNG header at start-up (image/label sizes agree)
+  # Rare-class sampling (spec §2.4); statistics from scripts/prepare_data.py, read from
+  # `stats_dir` (default: the source root).
+  c.data.rcs = ml_collections.ConfigDict(dict(
+      enabled=False, temperature=0.01, min_pixels=3000, min_crop_ratio=0.5, stats_dir=""))
   c.data.crop_size = (512, 512)
   c.data.cat_max_ratio = 0.75  # source only; targets are never label-checked
   c.data.flip_prob = 0.5
@@ -83,6 +97,69 @@ def _source_only():
   return {}
 
 
+def _dacs():
+  """Mean-teacher self-training (DAFormer's DACS as CONFETI runs it), confeti_spec.md §2.1."""
+  return dict(
+      alpha=0.999,                 # EMA: alpha_t = min(1 - 1/(t+1), alpha), parameters only
+      teacher_bn="batch",          # 'batch' (reference: train-mode teacher) | 'running'
+      pseudo_threshold=0.968,      # q = fraction of target pixels with max prob >= this
+      # Rows of the target weight map zeroed (top / bottom), given at psweight_ref_height
+      # and scaled to the crop height (0 = use the numbers as they are).
+      psweight_ignore_top=15,
+      psweight_ignore_bottom=120,
+      psweight_ref_height=512,
+      color_jitter_strength=0.2,   # kornia 0.6.7 ColorJitter(b=c=s=h=0.2)
+      color_jitter_p=0.2,          # jitter applied when U(0, 1) > p
+      blur=True,                   # Gaussian blur applied when U(0, 1) > 0.5
+      fd_lambda=0.005,             # ImageNet feature distance weight (0 = off)
+      fd_classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),  # thing classes
+      fd_scale_min_ratio=0.75,
+  )
+
+
+def _minent():
+  """ADVENT MinEnt (peers.md §3.1): entropy weights and the multi-level head."""
+  return dict(
+      ent_weight=1e-3,       # LAMBDA_ENT_MAIN
+      ent_weight_aux=2e-4,   # LAMBDA_ENT_AUX (multi-level head only)
+      seg_weight_aux=0.1,    # LAMBDA_SEG_AUX
+      multi_level=True,      # ADVENT's layer3 classifier (MULTI_LEVEL: True)
+      bn_eval=False,         # False: train-mode BN as ADVENT; True: running statistics
+  )
+
+
+def _cfcontra():
+  """CFContra (peers.md §5, paper §3-4): MinEnt + memory-bank contrast; AdaIN stage."""
+  return dict(
+      _minent(),
+      stage="segment",       # 'segment' | 'style' (trains the AdaIN decoder)
+      contrast=dict(
+          enabled=True,
+          head="moco",               # none | linear | moco | byol | simclr (Table 1)
+          proj_dim=0,                # head output width; 0 = the layer4 width
+          train_head=False,          # the code never optimises its head; True = paper
+          temperature=0.07,
+          momentum=0.9,
+          threshold=0.05,            # pseudo-label margin t
+          weight_src=1e-3, weight_tgt=1e-3, weight_tgt2src=1e-3, weight_src2tgt=1e-3,
+          terms="all",               # 'all' (four terms) | 'intra' (Table 4)
+          bank_update="cross",       # 'cross' (code) | 'domain' (paper Eq. 16-17)
+          warmup_source_images=301,  # the code's centre pass: 301 source images,
+          warmup_target_images=1601,  # then 1601 target images
+      ),
+      style=dict(
+          vgg_weights="",            # .npz of vgg_normalised.pth (stage 'style')
+          random_encoder=False,      # toy only: a random VGG instead of the weights
+          vgg_width=1.0,
+          content_weight=1.0, style_weight=10.0, alpha=1.0,
+          lr=1e-4, lr_decay=5e-5,    # Adam, lr_t = lr / (1 + lr_decay * t)
+      ),
+  )
+
+
 _METHOD_DEFAULTS = {
     "source_only": _source_only,
+    "minent": _minent,
+    "cfcontra": _cfcontra,
+    "dacs": _dacs,
 }

@@ -39,6 +39,12 @@ SYNTHIA16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 CLASS_SUBSETS = {"miou16": SYNTHIA16, "miou13": SYNTHIA13}
 
+# The 16-class SYNTHIA convention (ProDA / CONFETII, datasets.md C.4): a 16-class head over
+# the 19 Cityscapes classes minus terrain (9), truck (14) and train (16), numbered in
+# trainId order; SYNTHIA_16_LABEL_IDS[k] is the SYNTHIA id of class k.
+SYNTHIA_16_LABEL_IDS = (3, 4, 2, 21, 5, 7, 15, 9, 6, 1, 10, 17, 8, 19, 12, 11)
+CLASSES_16 = tuple(CLASSES[i] for i in SYNTHIA16)
+
 # Thing classes of the ImageNet feature distance (DAFormer/CONFETI FD, confeti_spec.md §2.6).
 FD_THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
@@ -55,6 +61,41 @@ def _lookup(label_ids):
 CITYSCAPES_ID_TO_TRAIN = _lookup(CITYSCAPES_TRAIN_LABEL_IDS)
 GTA5_ID_TO_TRAIN = CITYSCAPES_ID_TO_TRAIN
 SYNTHIA_ID_TO_TRAIN = _lookup(SYNTHIA_TRAIN_LABEL_IDS)
+
+
+def _train19_to(kept):
+  """256-entry table: 19-class trainId kept[k] -> k, everything else -> IGNORE_INDEX."""
+  return _lookup(kept)
+
+
+# Identity on 0..18 (255 stays 255): what a 19-class run applies after the id map.
+TRAIN19_TO_19 = _train19_to(range(NUM_CLASSES))
+TRAIN19_TO_16 = _train19_to(SYNTHIA16)
+
+# class_set (config.class_set) -> (class names, {report key: class indices}, table that
+# turns 19-class trainIds into this set's label ids). 'synthia19' is the DAFormer/CONFETI
+# convention (19-class head, mIoU16/13 over subsets of it); 'synthia16' the 16-class head.
+CLASS_SETS = {
+    "cityscapes19": (CLASSES, {}, TRAIN19_TO_19),
+    "synthia19": (CLASSES, {"miou16": SYNTHIA16, "miou13": SYNTHIA13}, TRAIN19_TO_19),
+    "synthia16": (CLASSES_16, {"miou16": tuple(range(16)),
+                               "miou13": tuple(SYNTHIA16.index(c) for c in SYNTHIA13)},
+                  TRAIN19_TO_16),
+}
+
+
+def class_set(name):
+  """(names, subsets, 19->set table) of a config.class_set, failing with the allowed names."""
+  if name not in CLASS_SETS:
+    raise ValueError(f"Unknown class_set {name!r}; allowed: {sorted(CLASS_SETS)}.")
+  return CLASS_SETS[name]
+
+
+def compose(table, then):
+  """The 256-entry table equal to applying `table` and then `then` (IGNORE stays IGNORE)."""
+  out = np.asarray(then, np.uint8)[np.asarray(table, np.uint8)]
+  out.setflags(write=False)
+  return out
 
 
 def _label_id_palette():

@@ -18,7 +18,7 @@ from absl import logging
 from PIL import Image
 
 from confeti_jax.data import labels as labels_lib
-from confeti_jax.data import sources, toy
+from confeti_jax.data import rcs, sources, tfds_builders, toy
 
 IGNORE_INDEX = labels_lib.IGNORE_INDEX
 DatasetError = sources.DatasetError
@@ -124,7 +124,9 @@ class TrainTransform(grain.transforms.RandomMap):
       image, label = resize_keep_ratio(image, label, self.scale)
     image, label = random_crop(image, label, self.crop_size, rng, self.cat_max_ratio)
     image, label = random_flip(image, label, rng, self.flip_prob)
-    return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
+    # Other keys (e.g. SkipCorrupt's "skipped" count) ride along unchanged.
+    return {**element, "image": np.ascontiguousarray(image),
+            "label": np.ascontiguousarray(label)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,18 +134,22 @@ class TrainTransform(grain.transforms.RandomMap):
 
 
 def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_size, seed,
-                  num_workers=0, shard_index=0, shard_count=1):
+                  num_workers=0, shard_index=0, shard_count=1, samples=None):
   """Infinite grain IterDataset of {"image": uint8 [B,h,w,3], "label": uint8 [B,h,w]}.
 
   Shuffled anew each epoch from `seed`; augmentation keyed by (seed, position), so
   `iter(ds).get_state()` / `set_state()` (or orbax with grain.checkpoint) resumes
   exactly. Shards take every shard_count-th sample of the stream before batching,
-  so processes never share a sample within an epoch.
+  so processes never share a sample within an epoch. `samples`, an infinite MapDataset
+  of transformed samples (rare-class sampling), replaces the shuffled epochs.
   """
   if len(source) == 0:
     raise DatasetError(f"{source!r} is empty; nothing to train on.")
-  ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(None)
-  ds = ds.random_map(TrainTransform(scale, crop_size, cat_max_ratio, flip_prob))
+  if samples is not None:
+    ds = samples
+  else:
+    ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(None)
+    ds = ds.random_map(TrainTransform(scale, crop_size, cat_max_ratio, flip_prob))
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
   ds = ds.batch(int(batch_size), drop_remainder=True)
@@ -154,21 +160,26 @@ def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_s
   return ds
 
 
-def resolve_roots(data_cfg):
+def resolve_roots(data_cfg, domains=("source", "target")):
   """dict(source, source_val, target) folders: the rendered toy, or the configured roots.
 
   With the toy enabled, a non-empty data.source.root / data.target.root still wins, so
-  one domain can be swapped for real data.
+  one domain can be swapped for real data. Only `domains` must be set (evaluating on
+  the target needs no source folder).
   """
   if data_cfg.toy.enabled:
     rendered = toy.ensure_rendered(data_cfg.toy)
     return dict(source=data_cfg.source.root or rendered["source"],
                 source_val=rendered["source_val"],
                 target=data_cfg.target.root or rendered["target"])
-  examples = {"gta5": "/path/to/gta", "cityscapes": "/path/to/cityscapes"}
-  roots = {}
-  for domain in ("source", "target"):
+  examples = {"gta5": "/path/to/gta", "cityscapes": "/path/to/cityscapes",
+              "synthia": "/path/to/synthia/RAND_CITYSCAPES"}
+  roots = {d: None for d in ("source", "target")}
+  for domain in domains:
     cfg = data_cfg[domain]
+    if cfg.get("format", "folder") == "tfds" and cfg.get("tfds_dir"):
+      roots[domain] = os.fspath(cfg.root)  # unused: records come from tfds_dir
+      continue
     if not cfg.root:
       raise DatasetError(
           f"data.{domain}.root is empty. Set it to the {cfg.kind} folder, e.g. "
@@ -186,24 +197,55 @@ def _per_process(total, process_count, what):
   return total // process_count
 
 
+def build_domain_source(data_cfg, domain, root, split, class_set):
+  """The folder or TFDS source of data.<domain> (format 'folder' or 'tfds')."""
+  cfg = data_cfg[domain]
+  fmt = cfg.get("format", "folder")
+  if fmt == "tfds":
+    if not cfg.get("tfds_dir"):
+      raise DatasetError(f"data.{domain}.format='tfds' needs data.{domain}.tfds_dir, the "
+                         "folder (or bucket path) scripts/prepare_data.py --tfds_dir wrote.")
+    return tfds_builders.TfdsSource(cfg.kind, cfg.tfds_dir, split, class_set)
+  if fmt != "folder":
+    raise ValueError(f"data.{domain}.format must be 'folder' or 'tfds', got {fmt!r}.")
+  return sources.build_source(cfg.kind, root, split, class_set)
+
+
 def make_train_iterators(config, *, process_index=0, process_count=1):
   """(source_iter, target_iter): checkpointable grain iterators of this process's share.
 
-  The target crop is never label-checked (cat_max_ratio 1): target labels exist only
-  to log pseudo-label accuracy and must not steer training.
+  The target crop is never label-checked (cat_max_ratio 1) and rare-class sampling
+  reads source statistics only: target labels exist only to log pseudo-label accuracy
+  and must not steer training. Every pair's PNG headers are checked first (when
+  data.check_sizes), and a file that breaks later is skipped (`sources.SkipCorrupt`);
+  each batch then carries "skipped" [B], the number of files passed over.
   """
   data = config.data
   batch = _per_process(int(config.train.batch_size), process_count, "train.batch_size")
   roots = resolve_roots(data)
+  class_set = config.get("class_set", "cityscapes19")
   common = dict(crop_size=tuple(data.crop_size), flip_prob=float(data.flip_prob),
                 batch_size=batch, num_workers=int(data.num_workers),
                 shard_index=process_index, shard_count=process_count)
-  src = sources.build_source(data.source.kind, roots["source"], "train")
-  tgt = sources.build_source(data.target.kind, roots["target"], "train")
+  src = build_domain_source(data, "source", roots["source"], "train", class_set)
+  tgt = build_domain_source(data, "target", roots["target"], "train", class_set)
+  if data.get("check_sizes", True):
+    src.check_sizes()
+    tgt.check_sizes()
+  src, tgt = sources.SkipCorrupt(src), sources.SkipCorrupt(tgt)
   logging.info("Training data: source %r, target %r; %d per domain per process", src, tgt,
                batch)
+  samples = None
+  rcs_cfg = data.get("rcs")
+  if rcs_cfg is not None and rcs_cfg.enabled:
+    stats_dir = rcs_cfg.stats_dir or roots["source"]
+    samples = rcs.rcs_dataset(
+        src, rcs_cfg, kind=data.source.kind, stats_dir=stats_dir,
+        remap=labels_lib.class_set(class_set)[2], scale=data.source.scale,
+        crop_size=tuple(data.crop_size), cat_max_ratio=data.cat_max_ratio,
+        flip_prob=float(data.flip_prob), seed=int(config.seed))
   src_ds = train_dataset(src, scale=data.source.scale, cat_max_ratio=data.cat_max_ratio,
-                         seed=int(config.seed), **common)
+                         seed=int(config.seed), samples=samples, **common)
   tgt_ds = train_dataset(tgt, scale=data.target.scale, cat_max_ratio=1.0,
                          seed=int(config.seed) + 1, **common)
   return iter(src_ds), iter(tgt_ds)
@@ -301,15 +343,19 @@ class EvalBatches:
 
 def _eval_source(config, dataset):
   data = config.data
-  roots = resolve_roots(data)
+  roots = resolve_roots(data, ("target",) if dataset == "target" else ("source", "target"))
+  class_set = config.get("class_set", "cityscapes19")
   if dataset == "target":
-    return sources.build_source(data.target.kind, roots["target"], "val")
+    source = build_domain_source(data, "target", roots["target"], "val", class_set)
+    if data.get("check_sizes", True):
+      source.check_sizes()
+    return source
   if dataset == "source":
     if not roots.get("source_val"):
       raise DatasetError(
           "eval.dataset='source' needs a held-out source set, which only the toy benchmark "
           "provides (data.toy.enabled=True); evaluate real runs on the target val split.")
-    return sources.build_source(data.source.kind, roots["source_val"], "val")
+    return sources.build_source(data.source.kind, roots["source_val"], "val", class_set)
   raise ValueError(f"Unknown eval dataset {dataset!r}; allowed: 'target', 'source'.")
 
 

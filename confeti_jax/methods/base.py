@@ -25,12 +25,26 @@ class SegmentorMethod:
     self.tx = state_lib.segmentor_optimizer(config.optim, self.total_steps)
     self.schedules = state_lib.segmentor_schedules(config.optim, self.total_steps)
     self.model_name = f"{config.method.name}/deeplabv2_{config.model.backbone}"
+    # Weights files (confeti_jax/weights.py): ImageNet backbone, or a whole segmentor.
+    self.pretrained = str(config.model.get("pretrained", "") or "")
+    self.init_from = str(config.model.get("init_from", "") or "")
 
   # -- state ---------------------------------------------------------------------
   def init_segmentor(self, key):
-    """Freshly initialised student variables at the crop size (float32 params)."""
+    """Student variables at the crop size (float32 params), with pretrained weights loaded.
+
+    model.pretrained replaces the backbone (the reference's ImageNet init), then
+    model.init_from the backbone and head (e.g. a released checkpoint for --mode=eval).
+    Files are read once per method; under jit the weights enter as constants.
+    """
+    from confeti_jax import weights  # numpy-only; keeps torch optional
+
     x = jnp.zeros((1, *self.crop_size, 3), jnp.float32)
-    return self.model.init(key, x, train=False)
+    variables = self.model.init(key, x, train=False)
+    for path, what in ((self.pretrained, "backbone"), (self.init_from, "segmentor")):
+      if path:
+        variables = weights.load_into(variables, path, what=what)
+    return variables
 
   def init_state(self, key):
     variables = self.init_segmentor(key)

@@ -43,6 +43,9 @@ class DeepLabV2(nn.Module):
     aspp_dilations: dilation (= padding) of each parallel head convolution.
     dtype: compute dtype; parameters stay float32 and the logits are returned as float32.
     remat: rematerialise backbone blocks in the backward pass (same outputs, less memory).
+    aux_classifier: ADVENT's multi-level head: a second summed-ASPP classifier on layer3
+      ('aux_aspp_0'..'aux_aspp_3', in the x10 head group), its stride-8 logits returned
+      as features['logits_aux']. Off by default (the CONFETI segmentor has none).
   """
 
   num_classes: int = 19
@@ -51,6 +54,7 @@ class DeepLabV2(nn.Module):
   aspp_dilations: tuple[int, ...] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
   remat: bool = False
+  aux_classifier: bool = False
 
   def __post_init__(self):
     # Validate at construction so a bad config fails before any tracing or compilation.
@@ -67,15 +71,20 @@ class DeepLabV2(nn.Module):
     feats = ResNetV1c(
         depth=backbone_depth(self.backbone), width=self.width, dtype=self.dtype,
         remat=self.remat, name="backbone")(x, train=train)
-    x = feats["layer4"]
+    if self.aux_classifier:
+      feats = {**feats, "logits_aux": self._summed_aspp(feats["layer3"], "aux_aspp")}
+    return self._summed_aspp(feats["layer4"], "aspp"), feats
+
+  def _summed_aspp(self, x, prefix):
+    """Four parallel dilated 3x3 convolutions to class logits, summed in float32."""
     logits = None
     for k, d in enumerate(self.aspp_dilations):
       branch = nn.Conv(
           self.num_classes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
           use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
           kernel_init=head_kernel_init, bias_init=nn.initializers.zeros,
-          name=f"aspp_{k}")(x)
+          name=f"{prefix}_{k}")(x)
       # Sum in float32 so a bfloat16 run does not round the logits four times.
       branch = branch.astype(jnp.float32)
       logits = branch if logits is None else logits + branch
-    return logits, feats
+    return logits

@@ -1,0 +1,110 @@
+"""ADVENT MinEnt: source cross-entropy plus the normalised entropy of target predictions.
+
+ADVENT (Vu et al. 2019, peers.md §3.1) and the CFContra code built on it:
+
+* source: CE of the logits upsampled (bilinear, align_corners=True) to the label size,
+  averaged over the *labelled* pixels (ADVENT's `cross_entropy_2d`, unlike mmseg's mean
+  over all pixels); with the multi-level head the layer3 classifier adds 0.1 x its CE.
+* target: the entropy of softmax(upsampled logits), divided by log K and averaged over
+  all pixels, weight 1e-3 (main) and 2e-4 (the multi-level head).
+* one backward of the summed loss; source and target go through the network in two
+  forward passes, so BatchNorm sees each domain on its own.
+
+`method.multi_level` switches ADVENT's layer3 classifier on (the reference default).
+`method.bn_eval`: ADVENT keeps the network in train() mode, so BatchNorm normalises
+with batch statistics (and updates running ones) while its scale/bias are frozen
+(`optim.freeze_bn`); bn_eval=True normalises with the running statistics instead (the
+usual meaning of "frozen BN"). The optimiser (ADVENT: SGD 2.5e-4, momentum 0.9, wd
+5e-4, heads x10, poly 0.9 over 250k of 120k steps) comes from `config.optim`; the toy
+keeps its AdamW.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from confeti_jax import augment, losses
+from confeti_jax.methods import base
+
+
+def valid_mean_cross_entropy(logits, labels):
+  """ADVENT's `cross_entropy_2d`: CE averaged over labelled pixels (0 if there are none)."""
+  nll = losses.pixelwise_cross_entropy(logits, labels)
+  count = jnp.sum(labels != losses.IGNORE_INDEX)
+  return jnp.sum(nll) / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def upsample(logits, size):
+  """ADVENT's nn.Upsample(mode='bilinear', align_corners=True) to the input size."""
+  return augment.resize_bilinear(logits, size, align_corners=True)
+
+
+class MinEnt(base.SegmentorMethod):
+  """DeepLabV2 (optionally multi-level) trained with source CE + target entropy."""
+
+  name = "minent"
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.method
+    self.ent_weight = float(m.ent_weight)
+    self.ent_weight_aux = float(m.ent_weight_aux)
+    self.seg_weight_aux = float(m.seg_weight_aux)
+    self.multi_level = bool(m.multi_level)
+    self.bn_eval = bool(m.bn_eval)
+    if self.multi_level:
+      self.model = self.model.clone(aux_classifier=True)
+
+  # -- forward -------------------------------------------------------------------
+  def forward(self, params, batch_stats, images):
+    """(stride-8 logits, features, BN statistics) in the configured BatchNorm mode."""
+    if self.bn_eval:
+      logits, feats = self.model.apply({"params": params, "batch_stats": batch_stats},
+                                       images, train=False)
+      return logits, feats, batch_stats
+    return self.forward_train(params, batch_stats, images)
+
+  def source_losses(self, params, batch_stats, images, labels):
+    """Source CE (+ aux CE): (loss, metrics, logits, features, BN statistics)."""
+    logits, feats, batch_stats = self.forward(params, batch_stats, images)
+    size = labels.shape[1:3]
+    seg = valid_mean_cross_entropy(upsample(logits, size), labels)
+    metrics = {"loss_src_seg": seg}
+    loss = seg
+    if self.multi_level:
+      seg_aux = valid_mean_cross_entropy(upsample(feats["logits_aux"], size), labels)
+      metrics["loss_src_seg_aux"] = seg_aux
+      loss = loss + self.seg_weight_aux * seg_aux
+    return loss, metrics, logits, feats, batch_stats
+
+  def target_losses(self, params, batch_stats, images):
+    """Weighted target entropy (+ aux): (loss, metrics, logits, features, BN statistics)."""
+    logits, feats, batch_stats = self.forward(params, batch_stats, images)
+    size = images.shape[1:3]
+    ent = losses.entropy_loss(upsample(logits, size))
+    metrics = {"loss_ent": ent}
+    loss = self.ent_weight * ent
+    if self.multi_level:
+      ent_aux = losses.entropy_loss(upsample(feats["logits_aux"], size))
+      metrics["loss_ent_aux"] = ent_aux
+      loss = loss + self.ent_weight_aux * ent_aux
+    return loss, metrics, logits, feats, batch_stats
+
+  # -- step ----------------------------------------------------------------------
+  def train_step(self, state, batch, key):
+    del key  # MinEnt draws nothing at random
+    src_images = augment.normalize(batch["source"]["image"])
+    src_labels = batch["source"]["label"].astype(jnp.int32)
+    tgt_images = augment.normalize(batch["target"]["image"])
+
+    def loss_fn(params):
+      src_loss, src_metrics, _, _, bs = self.source_losses(
+          params, state.batch_stats, src_images, src_labels)
+      tgt_loss, tgt_metrics, _, _, bs = self.target_losses(params, bs, tgt_images)
+      return src_loss + tgt_loss, ({**src_metrics, **tgt_metrics}, bs)
+
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.seg.params)
+    seg = state.seg.apply_gradients(grads)
+    metrics = {"loss": loss, **metrics, "grad_norm": base.global_norm(grads),
+               **self.learning_rates(state.step)}
+    return state.replace(step=state.step + 1, seg=seg, batch_stats=batch_stats), metrics

@@ -1,0 +1,370 @@
+"""Import of pretrained and released PyTorch weights into the flax variable trees.
+
+The runtime reads `.npz` (written by `scripts/convert_weights.py`, torch key names) and
+`.safetensors` (timm) with numpy alone; a `.pth` is read only when torch happens to be
+installed, otherwise the error names the one-off conversion command. A state dict
+(torch key -> numpy array) is turned into {"params": ..., "batch_stats": ...} by a
+converter from `CONVERTERS` (format name -> function); other modules register theirs
+with `@register("name")`. Mechanical renaming rules (confeti_jax/models/resnet.py):
+
+  stem.0/.3/.6 (mmseg) or conv1.0/.3/.6 (timm)   -> backbone/stem_conv1..3
+  stem.1/.4/.7 (mmseg) or conv1.1/.4, bn1 (timm) -> backbone/stem_bn1..3
+  layerI.J.convK / .bnK / .downsample.0 / .1     -> backbone/layerI_J/convK / bnK /
+                                                    downsample_conv / downsample_bn
+  decode_head.aspp_modules.K.conv                -> aspp_K
+  conv weight (O, I, kh, kw) -> kernel (kh, kw, I, O); BN weight/bias -> scale/bias,
+  running_mean/var -> batch_stats mean/var; num_batches_tracked and fc.* are dropped.
+
+Any shape or key mismatch is an error listing the first missing / unexpected keys.
+"""
+
+import functools
+import json
+import os
+import re
+
+import numpy as np
+from flax import traverse_util
+
+CONVERTERS = {}
+CONVERT_COMMAND = "python scripts/convert_weights.py IN.pth OUT.npz"
+_SHOW = 8  # keys listed in an error
+
+
+class WeightsError(ValueError):
+  """A weights file cannot be read or does not fit the model."""
+
+
+def register(name):
+  """Decorator adding a converter `fn(state_dict) -> variables` to CONVERTERS."""
+  def wrap(fn):
+    CONVERTERS[name] = fn
+    return fn
+  return wrap
+
+
+# ----------------------------------------------------------------------------------------
+# Reading.
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+                       "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path):
+  """{name: array} of a .safetensors file (8-byte header size, JSON header, raw data)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if len(data) < 8:
+    raise WeightsError(f"{path!r} is too short to be a .safetensors file.")
+  size = int.from_bytes(data[:8], "little")
+  try:
+    header = json.loads(data[8:8 + size])
+  except ValueError as e:
+    raise WeightsError(f"{path!r} has no valid safetensors header ({e}).") from e
+  body, out = memoryview(data)[8 + size:], {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    begin, end = info["data_offsets"]
+    raw = body[begin:end]
+    if info["dtype"] == "BF16":  # numpy has no bfloat16: widen the bits to float32
+      bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
+      array = bits.view(np.float32)
+    elif info["dtype"] in _SAFETENSORS_DTYPES:
+      array = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
+    else:
+      raise WeightsError(f"{path!r}: tensor {name!r} has unsupported dtype {info['dtype']}.")
+    out[name] = array.reshape(info["shape"]).copy()
+  return out
+
+
+def unwrap_checkpoint(obj):
+  """The state dict inside a saved object: mmcv's {"state_dict": ...}, {"model": ...}, ..."""
+  for key in ("state_dict", "model", "params"):
+    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+      return obj[key]
+  return obj
+
+
+def torch_to_numpy(state_dict):
+  """{key: tensor} -> {key: numpy}; bfloat16/half become float32, non-tensors are dropped."""
+  import torch
+
+  out = {}
+  for key, value in state_dict.items():
+    if isinstance(value, torch.Tensor):
+      value = value.detach().cpu()
+      if value.dtype in (torch.bfloat16, torch.float16):
+        value = value.float()
+      out[key] = value.numpy()
+  return out
+
+
+def load_state_dict(path):
+  """{torch key: numpy array} from .npz, .safetensors, or (with torch installed) .pth.
+
+  Cached per (path, size, mtime): state init reads the same file more than once
+  (eval_shape, then the jitted init). Treat the result as read-only.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise WeightsError(f"Weights file {path!r} does not exist. Give a local path (nothing is "
+                       "downloaded); convert a .pth once with `" + CONVERT_COMMAND + "`.")
+  stat = os.stat(path)
+  return _load_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path, size, mtime_ns):
+  del size, mtime_ns  # cache key only
+  if path.endswith(".npz"):
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  if path.endswith(".safetensors"):
+    return read_safetensors(path)
+  try:
+    import torch
+  except ImportError as e:
+    raise WeightsError(
+        f"Reading {path!r} needs torch, which is not installed (it is not a runtime "
+        f"dependency). On any machine with torch run `{CONVERT_COMMAND}` and pass the .npz."
+    ) from e
+  return torch_to_numpy(unwrap_checkpoint(torch.load(path, map_location="cpu",
+                                                     weights_only=True)))
+
+
+# ----------------------------------------------------------------------------------------
+# Key renaming.
+
+_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_MMSEG_STEM = {"0": "stem_conv1", "1": "stem_bn1", "3": "stem_conv2", "4": "stem_bn2",
+               "6": "stem_conv3", "7": "stem_bn3"}
+_TIMM_STEM = {"conv1.0": "stem_conv1", "conv1.1": "stem_bn1", "conv1.3": "stem_conv2",
+              "conv1.4": "stem_bn2", "conv1.6": "stem_conv3", "bn1": "stem_bn3"}
+_LAYER = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
+_IGNORED = re.compile(r"(num_batches_tracked$|^(head\.)?fc\.)")  # BN counters, classifier
+
+
+def _leaf(module, leaf, array):
+  """(collection, leaf name, converted array) of one torch tensor of a conv or BN module."""
+  if "conv" in module:
+    if leaf == "weight":
+      return "params", "kernel", np.transpose(array, (2, 3, 1, 0))
+    return "params", "bias", array
+  collection, name = _BN_LEAVES[leaf]
+  return collection, name, array
+
+
+def _resnet_path(key, stem):
+  """Flax module name inside 'backbone' of a backbone key, or None when not a backbone key."""
+  m = _LAYER.match(key)
+  if m:
+    i, j, part, leaf = m.groups()
+    part = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(part, part)
+    return (f"layer{i}_{j}", part), leaf
+  module, _, leaf = key.rpartition(".")
+  if stem == "mmseg" and module.startswith("stem."):
+    name = _MMSEG_STEM.get(module[len("stem."):])
+    return ((name,), leaf) if name else None
+  if stem == "timm" and module in _TIMM_STEM:
+    return (_TIMM_STEM[module],), leaf
+  return None
+
+
+def _backbone(state_dict, stem, prefix=""):
+  """Converts the ResNet keys under `prefix`; returns (variables, keys not understood)."""
+  flat, unknown = {}, []
+  for key, array in state_dict.items():
+    if not key.startswith(prefix) or _IGNORED.search(key):
+      continue
+    found = _resnet_path(key[len(prefix):], stem)
+    if found is None:
+      unknown.append(key)
+      continue
+    modules, leaf = found
+    collection, name, value = _leaf(modules[-1], leaf, np.asarray(array, np.float32))
+    flat[(collection, "backbone", *modules, name)] = value
+  return flat, unknown
+
+
+def _finish(flat, unknown, fmt):
+  if unknown:
+    raise WeightsError(f"{len(unknown)} keys do not belong to the {fmt} layout, e.g. "
+                       f"{unknown[:_SHOW]}; is this the right format?")
+  if not flat:
+    raise WeightsError(f"No {fmt} keys found in the state dict.")
+  return traverse_util.unflatten_dict(flat)
+
+
+@register("mmseg_resnet_v1c")
+def convert_mmseg_resnet(state_dict):
+  """open-mmlab `resnet{50,101}_v1c-*.pth` (keys stem.N, layerI.J...; optional 'backbone.')."""
+  prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
+  return _finish(*_backbone(state_dict, "mmseg", prefix), "mmseg ResNet-V1c")
+
+
+@register("timm_resnet_c")
+def convert_timm_resnet(state_dict):
+  """timm `resnet{50,101}c` (deep 3x3 stem conv1.0/.3/.6, bn1; no avg-down shortcut)."""
+  if any(".downsample.2." in k for k in state_dict):
+    raise WeightsError("This timm ResNet uses average-pool shortcuts (the 'd' variants); "
+                       "ResNetV1c has plain strided 1x1 shortcuts. Use timm resnet101c or "
+                       "open-mmlab resnet101_v1c weights.")
+  return _finish(*_backbone(state_dict, "timm"), "timm ResNet-C")
+
+
+_ASPP = re.compile(r"decode_head\.aspp_modules\.(\d+)\.(?:conv|0)\.(weight|bias)$")
+
+
+@register("mmseg_deeplabv2")
+def convert_mmseg_deeplabv2(state_dict):
+  """Whole mmseg DeepLabV2 segmentor (backbone.*, decode_head.aspp_modules.K.conv.*).
+
+  The CONFETI/DAFormer UDA checkpoints hold the student under 'model.' beside the
+  teacher ('ema_model.'), the ImageNet copy ('imnet_model.') and auxiliary heads; the
+  student is what the reference evaluates, so 'model.' is taken when present.
+  """
+  prefix = "model." if any(k.startswith("model.") for k in state_dict) else ""
+  student = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  flat, unknown = _backbone(student, "mmseg", "backbone.")
+  for key, array in student.items():
+    if key.startswith("backbone.") or _IGNORED.search(key):
+      continue
+    m = _ASPP.match(key)
+    if not m:
+      unknown.append(prefix + key)
+      continue
+    collection, name, value = _leaf("conv", m.group(2), np.asarray(array, np.float32))
+    flat[(collection, f"aspp_{m.group(1)}", name)] = value
+  return _finish(flat, unknown, "mmseg DeepLabV2")
+
+
+@register("vgg19_normalised")
+def convert_vgg19_normalised(state_dict):
+  """pytorch-AdaIN `vgg_normalised.pth` -> the AdaIN VGGEncoder (models/adain.py)."""
+  from confeti_jax.models import adain  # flax-side module, imported on use
+  return {"params": adain.convert_vgg_normalised(state_dict)}
+
+
+def aux_head_kernels(state_dict):
+  """1x1 kernels of the CONFETI auxiliary heads ('aux_heads.I.<conv>.weight' -> HWIO).
+
+  {"aux_heads_I": {conv name: {"kernel"[, "bias"]}}}, for the heads' own modules to
+  place; the segmentor converter above leaves them out.
+  """
+  out = {}
+  for key, array in state_dict.items():
+    m = re.match(r"aux_heads\.(\d+)\.(\w+)\.(weight|bias)$", key)
+    if m:
+      _, name, value = _leaf("conv", m.group(3), np.asarray(array, np.float32))
+      out.setdefault(f"aux_heads_{m.group(1)}", {}).setdefault(m.group(2), {})[name] = value
+  return out
+
+
+def detect_format(state_dict):
+  """The CONVERTERS name for a state dict, from its key names."""
+  keys = list(state_dict)
+  has = lambda pattern: any(re.search(pattern, k) for k in keys)
+  if has(r"(^|\.)decode_head\.aspp_modules\."):
+    return "mmseg_deeplabv2"
+  if has(r"^(backbone\.)?stem\.0\.weight$"):
+    return "mmseg_resnet_v1c"
+  if has(r"^conv1\.0\.weight$"):
+    return "timm_resnet_c"
+  if has(r"^conv1\.weight$"):
+    raise WeightsError(
+        "This is a ResNet with a single 7x7 stem convolution (torchvision / timm 'resnetNN'). "
+        "The reference backbone is ResNet-V1c with a deep 3x3 stem, which those weights do "
+        "not fit: use open-mmlab resnet101_v1c-e67eebb6.pth or timm resnet101c.")
+  raise WeightsError(f"Unknown weights layout (first keys {keys[:_SHOW]}); known formats: "
+                     f"{sorted(CONVERTERS)}.")
+
+
+def convert(state_dict, fmt="auto"):
+  """Flax variables from a numpy state dict with the named (or detected) converter."""
+  fmt = detect_format(state_dict) if fmt == "auto" else fmt
+  if fmt not in CONVERTERS:
+    raise WeightsError(f"Unknown weights format {fmt!r}; known: {sorted(CONVERTERS)}.")
+  return CONVERTERS[fmt](state_dict)
+
+
+# ----------------------------------------------------------------------------------------
+# Fitting converted weights into a model's variables.
+
+
+def _torch_name(path):
+  """A flax variable path as the mmseg state-dict key it comes from, for error messages."""
+  collection, *modules, leaf = path
+  out = []
+  for m in modules:
+    if m.startswith("stem_"):
+      k = 3 * (int(m[-1]) - 1) + (0 if "conv" in m else 1)
+      out += ["stem", str(k)]
+    elif m.startswith("layer"):
+      out.append(m.replace("_", "."))
+    elif m.startswith("downsample_"):
+      out += ["downsample", "0" if m.endswith("conv") else "1"]
+    elif m.startswith("aspp_"):
+      out += ["decode_head.aspp_modules", m[len("aspp_"):], "conv"]
+    else:
+      out.append(m)
+  names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+           "var": "running_var"}
+  return ".".join(out + [names.get(leaf, leaf)]) + f" ({collection}/{'/'.join(path[1:])})"
+
+
+def merge(variables, converted, *, select=lambda name: True, source="weights"):
+  """`variables` with every leaf whose top-level module satisfies `select` replaced.
+
+  Every selected model leaf must be provided with the same shape and nothing
+  else may be provided; otherwise a WeightsError lists the first differences. Leaves
+  become float32 numpy arrays (or keep the model's dtype), ready for jnp.asarray.
+  """
+  flat_model = traverse_util.flatten_dict(variables)
+  flat_new = traverse_util.flatten_dict(converted)
+  inside = lambda path: select(path[1])
+  wanted = {p for p in flat_model if inside(p)}
+  missing = sorted(_torch_name(p) for p in wanted - flat_new.keys())
+  unexpected = sorted(_torch_name(p) for p in flat_new.keys() - wanted)
+  wrong = sorted(f"{_torch_name(p)}: file {tuple(flat_new[p].shape)} vs model "
+                 f"{tuple(flat_model[p].shape)}" for p in wanted & flat_new.keys()
+                 if tuple(flat_new[p].shape) != tuple(flat_model[p].shape))
+  if missing or unexpected or wrong:
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatch", wrong)):
+      if items:
+        parts.append(f"{len(items)} {title}: {items[:_SHOW]}")
+    raise WeightsError(f"{source} does not fit the model ({'; '.join(parts)}).")
+  out = dict(flat_model)
+  for path in wanted:
+    out[path] = np.asarray(flat_new[path], dtype=flat_model[path].dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def load_into(variables, path, *, what="backbone", fmt="auto"):
+  """Loads the weights file at `path` into `variables` (what = 'backbone' or 'segmentor').
+
+  Errors name the path, the key layout that was expected and the conversion command.
+  """
+  layouts = {
+      "backbone": ("an ImageNet ResNet-V1c backbone (open-mmlab resnet101_v1c keys stem.N, "
+                   "layerI.J.convK; or timm resnet101c)", lambda m: m == "backbone"),
+      "segmentor": ("a whole mmseg DeepLabV2 (backbone.*, decode_head.aspp_modules.K.conv.*, "
+                    "optionally under 'model.' as in CONFETI/DAFormer checkpoints)",
+                    lambda m: m == "backbone" or m.startswith("aspp_")),
+  }
+  expected, select = layouts[what]
+  path = os.fspath(path)
+  try:
+    converted = convert(load_state_dict(path), fmt)
+    if what == "backbone" and "aspp_0" in converted.get("params", {}):
+      converted = {c: {"backbone": t["backbone"]} for c, t in converted.items()}
+    return merge(variables, converted, select=select, source=f"{path!r}")
+  except WeightsError as e:
+    raise WeightsError(
+        f"Cannot load {path!r} as {what}: {e} Expected {expected}, with the model's "
+        f"backbone/width/num_classes. Convert a PyTorch .pth with `{CONVERT_COMMAND}`."
+    ) from e

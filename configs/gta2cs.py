@@ -1,0 +1,57 @@
+"""GTA5 -> Cityscapes with the reference data protocol (confeti_spec.md §2.4-2.5, §7, §8).
+
+GTA5 resized keep-ratio into 1280x720 (1914x1052 -> 1280x704), Cityscapes train into
+1280x640, random crops (512 stage 1, 640 stage 2) with cat_max_ratio 0.75 on the
+source only, flip 0.5, rare-class sampling (T 0.01, 3000 px, crop ratio 0.5), batch
+2 + 2, DeepLabV2 / ResNet-101 V1c. Evaluation on Cityscapes val at the full
+2048x1024 (the official code) or, with `eval=1280`, at 1280x640 (DAFormer / CONFETII).
+
+  python scripts/prepare_data.py --dataset=gta5 --root=/data/gta       # RCS stats, once
+  python scripts/convert_weights.py resnet101_v1c-e67eebb6.pth r101_v1c.npz   # once
+  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=workdirs/gta2cs \\
+      --config.data.source.root=/data/gta --config.data.target.root=/data/cityscapes \\
+      --config.model.pretrained=r101_v1c.npz
+  # evaluate a released CONFETI / DAFormer checkpoint (converted to .npz):
+  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=workdirs/released \\
+      --mode=eval --config.data.target.root=/data/cityscapes \\
+      --config.model.init_from=released.npz
+  # miniature run on a CPU against small folders in the same layouts:
+  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=/tmp/mini ... \\
+      --config.model.backbone=resnet18 --config.model.width=0.125 \\
+      --config.data.source.scale='(160,90)' --config.data.target.scale='(160,80)' \\
+      --config.data.crop_size='(64,64)' --config.data.rcs.min_pixels=50 \\
+      --config.train.steps=4 --config.eval.resize=True --config.eval.scale='(160,80)'
+
+Arguments (`:key=value,...`): method (default source_only), crop (512 | 640),
+eval (full | 1280), rcs (1 | 0).
+"""
+
+from configs import common
+
+
+def apply_protocol(config, args):
+  """The settings gta2cs and synthia2cs share: crops, RCS, evaluation resolution."""
+  if args.crop not in (512, 640):
+    raise ValueError(f"crop must be 512 (stage 1) or 640 (stage 2), got {args.crop}.")
+  config.data.crop_size = (args.crop, args.crop)
+  config.data.rcs.enabled = bool(args.rcs)
+  if args.eval == "full":  # the official code: no test-time resize
+    config.eval.resize = False
+    config.eval.scale = (2048, 1024)
+  elif args.eval == "1280":  # DAFormer / CONFETII keep the test Resize
+    config.eval.resize = True
+    config.eval.scale = (1280, 640)
+  else:
+    raise ValueError(f"eval must be 'full' (2048x1024) or '1280' (1280x640), got {args.eval!r}")
+  return config
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, method="source_only", crop=512, eval="full", rcs=1)
+  config = common.base_config()
+  config.method = common.method_config(args.method)
+  config.data.source.kind = "gta5"
+  config.data.source.scale = (1280, 720)
+  config.data.target.kind = "cityscapes"
+  config.data.target.scale = (1280, 640)
+  return apply_protocol(config, args)

@@ -1,0 +1,39 @@
+"""SYNTHIA (RAND-CITYSCAPES) -> Cityscapes with the reference data protocol.
+
+As gta2cs.py, with SYNTHIA resized keep-ratio into 1280x760 (its native size) and the
+labels' class ids read from the first channel of the 16-bit GT/LABELS PNGs
+(datasets.md C.4). Two conventions (confeti_spec.md §7):
+
+* `classes=19` (default; DAFormer / CONFETI code): a 19-class head trained on
+  Cityscapes trainIds; eval/latest.json reports miou (19), miou16 and miou13, the
+  means over the 16 / 13 SYNTHIA classes (terrain, truck, train score 0).
+* `classes=16` (ProDA / CONFETII): a 16-class head, terrain/truck/train ignored in
+  both domains; miou = miou16, and miou13 over its 13-class subset.
+
+  python scripts/prepare_data.py --dataset=synthia --root=/data/synthia/RAND_CITYSCAPES \\
+      --write_train_ids          # RCS stats + 8-bit trainId labels, once
+  python -m confeti_jax.main --config=configs/synthia2cs.py:classes=16 \\
+      --workdir=workdirs/syn2cs --config.data.source.root=/data/synthia/RAND_CITYSCAPES \\
+      --config.data.target.root=/data/cityscapes --config.model.pretrained=r101_v1c.npz
+
+Arguments (`:key=value,...`): method (default source_only), classes (19 | 16),
+crop (512 | 640), eval (full | 1280), rcs (1 | 0).
+"""
+
+from configs import common, gta2cs
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, method="source_only", classes=19, crop=512, eval="full", rcs=1)
+  if args.classes not in (16, 19):
+    raise ValueError(f"classes must be 19 (DAFormer/CONFETI) or 16 (ProDA/CONFETII), "
+                     f"got {args.classes}.")
+  config = common.base_config()
+  config.method = common.method_config(args.method)
+  config.num_classes = args.classes
+  config.class_set = f"synthia{args.classes}"
+  config.data.source.kind = "synthia"
+  config.data.source.scale = (1280, 760)
+  config.data.target.kind = "cityscapes"
+  config.data.target.scale = (1280, 640)
+  return gta2cs.apply_protocol(config, args)
