@@ -1,12 +1,14 @@
-# confeti_jax: two commands a user needs. `make demo` trains and evaluates the
-# embedded toy benchmark; `make test` lints and runs the test suite (what CI runs).
+# confeti_jax: two commands a user needs. `make demo` trains and evaluates CONFETI's whole
+# pipeline and a source-only baseline on the embedded toy benchmark (`make demo-quick`:
+# source-only alone, a few minutes); `make test` lints and runs the test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/toy_demo
+CONFETI_WORKDIR ?= workdirs/toy_demo_confeti
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv clean
+.PHONY: demo demo-quick test lint venv clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,9 @@ $(VENV)/.installed-test: requirements-test.txt requirements.txt $(VENV)/.install
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	$(PY) scripts/demo.py --method=confeti --workdir=$(CONFETI_WORKDIR)
+
+demo-quick: $(VENV)/.installed
 	$(PY) scripts/demo.py --workdir=$(WORKDIR)
 
 lint: $(VENV)/.installed-test

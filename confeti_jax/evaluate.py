@@ -379,21 +379,30 @@ def run(config, workdir):
         jax.random.key(0))
     os.makedirs(workdir, exist_ok=True)
     return Evaluator(config, method, mesh, workdir).run(variables, 0)
+  mesh = sharding.make_mesh()
+  method, variables, step = restore_inference(config, workdir, mesh)
+  return Evaluator(config, method, mesh, workdir).run(variables, step)
+
+
+def restore_inference(config, workdir, mesh):
+  """(method, inference variables replicated on `mesh`, step) of `workdir`'s latest
+  checkpoint: only the student (and BN statistics) is read, not optimiser states."""
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(
         f"No checkpoints in {ckpt_dir}. Train first with the same --config and "
         f"--workdir (--mode=train), or point --workdir at a finished run.")
-  mesh = sharding.make_mesh()
   method = methods.build(config)
   abstract = jax.eval_shape(method.init_state, jax.random.key(0))
   replicated = sharding.replicated(mesh)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
   ckpt = checkpoint.Checkpointer(ckpt_dir)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train first.")
-  subtree = ckpt.restore_subtree(step, method.inference_subtree(abstract))
-  ckpt.close()
-  variables = method.variables_from_subtree(subtree)
-  return Evaluator(config, method, mesh, workdir).run(variables, step)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train first.")
+    subtree = ckpt.restore_subtree(step, method.inference_subtree(abstract))
+  finally:
+    ckpt.close()
+  return method, method.variables_from_subtree(subtree), step

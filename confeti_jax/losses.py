@@ -7,6 +7,8 @@ conventions rather than the more common "mean over valid pixels", because the
 difference changes the effective loss weight and hence the reported numbers.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -117,6 +119,132 @@ def entropy_loss(logits):
   return jnp.mean(entropy_map(logits))
 
 
+def cam_bce(scores, labels, num_classes, *, ignore_index=IGNORE_INDEX):
+  """CONFETI's CAM loss: BCE-with-logits of the GAP scores against image-level labels.
+
+  The target of image i is multi-hot over the classes present in its label map (255
+  and ids >= K excluded); the mean is over B x K (`CAMHead.losses`).
+
+  Args:
+    scores: [B, K] global-average-pooled pre-ReLU CAM scores.
+    labels: [B, H, W] integer labels (any resolution).
+  """
+  labels = labels.astype(jnp.int32)
+  present = jax.nn.one_hot(jnp.where(labels == ignore_index, num_classes, labels),
+                           num_classes, dtype=jnp.float32)
+  target = jnp.max(present.reshape(labels.shape[0], -1, num_classes), axis=1)
+  x = scores.astype(jnp.float32)
+  # max(x, 0) - x y + log(1 + exp(-|x|)): torch's numerically stable form.
+  loss = jnp.maximum(x, 0.0) - x * target + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return jnp.mean(loss)
+
+
+def _unit_rows(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def sample_pixels(key, valid, num_samples):
+  """A uniform random subset of min(num_samples, #valid) valid pixels, fixed shape.
+
+  The reference's `randperm(N)[:num_samples]` over the valid pixels: the valid pixels
+  with the k smallest iid uniform keys. Returns (index [k], mask [k]) with
+  k = min(num_samples, valid.size); the mask drops slots beyond the valid count.
+  """
+  flat = valid.reshape(-1)
+  k = min(int(num_samples), flat.shape[0])
+  keys = jnp.where(flat, jax.random.uniform(key, flat.shape), 2.0)
+  neg_top, index = jax.lax.top_k(-keys, k)
+  return index, neg_top > -2.0
+
+
+def prototype_contrast(key, features, labels, protos, *, temperature, num_samples,
+                       ignore_index=IGNORE_INDEX):
+  """CONFETI's pixel-to-prototype contrast L_PCL (unweighted; the caller applies 0.5).
+
+  `ContrastiveHead.contrastive_loss`: L2-normalised features of num_samples random
+  valid pixels, CE of v . P^T / tau against their labels, mean over the samples.
+  Prototypes carry no gradient.
+
+  Args:
+    key: PRNG key of the pixel sampling.
+    features: [B, h, w, D] student projections (not normalised).
+    labels: [B, h, w] labels on the feature grid (PyTorch 'nearest' of the crop labels).
+    protos: [K, D] prototypes.
+  """
+  d = features.shape[-1]
+  v = features.astype(jnp.float32).reshape(-1, d)
+  y = labels.reshape(-1).astype(jnp.int32)
+  index, keep = sample_pixels(key, y != ignore_index, num_samples)
+  v = _unit_rows(v[index])
+  logits = jnp.matmul(v, jax.lax.stop_gradient(protos).T,
+                      precision=jax.lax.Precision.HIGHEST) / temperature
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                             jnp.where(keep, y[index], 0)[:, None], axis=-1)[:, 0]
+  return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+REG_VARIANTS = ("code", "diversity")
+
+
+def prototype_regularizer(features, labels, protos, *, temperature, variant="code",
+                          ignore_index=IGNORE_INDEX):
+  """CONFETI's L_Reg before its weight: S = sum_c log p_c / (K ln K), p = softmax(v_bar.P/tau).
+
+  v_bar is the mean of all valid L2-normalised pixel features (not only the sampled
+  ones), P is detached.
+
+  * 'code' (reference, `ContrastiveHead.reg_loss`, = SePiCo's code): returns +S. S is
+    largest (-1) at the uniform p, so minimising it pushes the mean prediction *away*
+    from uniform.
+  * 'diversity' (the paper's stated intent, ProDA/SePiCo's text: keep features spread
+    over the prototypes): returns -S, minimal (+1) at the uniform p.
+  """
+  if variant not in REG_VARIANTS:
+    raise ValueError(f"regulariser variant {variant!r}; use one of {REG_VARIANTS}.")
+  d = features.shape[-1]
+  v = _unit_rows(features.astype(jnp.float32).reshape(-1, d))
+  valid = (labels.reshape(-1) != ignore_index).astype(jnp.float32)
+  mean = jnp.sum(v * valid[:, None], axis=0) / jnp.maximum(jnp.sum(valid), 1.0)
+  logits = jnp.matmul(mean, jax.lax.stop_gradient(protos).T,
+                      precision=jax.lax.Precision.HIGHEST) / temperature
+  k = protos.shape[0]
+  s = jnp.sum(jax.nn.log_softmax(logits)) / (k * math.log(k))
+  return s if variant == "code" else -s
+
+
+SC_VARIANTS = ("prototype", "mse", "ce")
+
+
+def affine_1x1(x, params):
+  """phi: a 1x1 convolution with bias on [..., D] features ({'kernel': [D, D'], 'bias'})."""
+  return jnp.einsum("...d,de->...e", x.astype(jnp.float32), params["kernel"],
+                    precision=jax.lax.Precision.HIGHEST) + params["bias"]
+
+
+def semantic_consistency(variant, stylised, original, protos=None, phi=None):
+  """CONFETI's L_SC before its weight (0.1), and the paper's Table 4 alternatives.
+
+  * 'prototype' (reference, dacs.py L505-531): MSE between phi(proj(f(G(x)))) . P^T and
+    proj(f(x)) . P^T, features not normalised, no temperature; the original side and P
+    are detached. `stylised` / `original` are the projections [B, h, w, D].
+  * 'mse' (Table 4 "MSE", our reading): MSE between phi(proj(f(G(x)))) and proj(f(x)).
+  * 'ce' (Table 4 "L_CE", CyCADA-style, our reading): CE of the stylised image's logits
+    against the argmax of the original's, at the logits' stride-8 grid; `stylised` /
+    `original` are logits [B, h, w, K] and phi is unused.
+  """
+  if variant not in SC_VARIANTS:
+    raise ValueError(f"semantic-consistency variant {variant!r}; use one of {SC_VARIANTS}.")
+  original = jax.lax.stop_gradient(original.astype(jnp.float32))
+  if variant == "ce":
+    return cross_entropy(stylised.astype(jnp.float32), jnp.argmax(original, axis=-1))
+  mapped = affine_1x1(stylised, phi)
+  if variant == "mse":
+    return jnp.mean(jnp.square(mapped - original))
+  p = jax.lax.stop_gradient(protos.astype(jnp.float32)).T
+  dot = lambda v: jnp.einsum("...d,dk->...k", v, p, precision=jax.lax.Precision.HIGHEST)
+  return jnp.mean(jnp.square(dot(mapped) - dot(original)))
+
+
 def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_INDEX):
   """InfoNCE of pixel features against a bank of K class centres (CFContra's memory).
 
@@ -148,3 +276,37 @@ def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_
   nll = -jnp.log(jnp.take_along_axis(p, safe[:, None], axis=-1)[:, 0] + 1e-6)
   count = jnp.sum(valid)
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+# -- CUT (confeti_spec.md §4.3) ----------------------------------------------------------
+
+
+def patch_nce(feat_q, feat_k, batch_size, temperature=0.07):
+  """PatchNCE of CUT (`PatchNCELoss`, negatives from the same image only).
+
+  Patch i of the query must pick its own key among the same image's patches: logits
+  [<q_i, k_i>, <q_i, k_j> for all j with the j = i entry set to -10] / T (1 + n columns),
+  cross-entropy with target 0, averaged over all B * n patches. Keys carry no gradient.
+
+  Args:
+    feat_q, feat_k: [B * n, D] unit vectors, image-major (PatchSampleMLP's order).
+    batch_size: B; the rows are split into B images of n patches (the reference reshapes
+      by `opt.batch_size`).
+    temperature: nce_T (0.07).
+  """
+  q = feat_q.astype(jnp.float32)
+  k = jax.lax.stop_gradient(feat_k.astype(jnp.float32))
+  dim = q.shape[-1]
+  l_pos = jnp.sum(q * k, axis=-1, keepdims=True)
+  qb, kb = q.reshape(batch_size, -1, dim), k.reshape(batch_size, -1, dim)
+  l_neg = jnp.einsum("bpd,bqd->bpq", qb, kb, precision=jax.lax.Precision.HIGHEST)
+  n = qb.shape[1]
+  l_neg = jnp.where(jnp.eye(n, dtype=bool), -10.0, l_neg).reshape(-1, n)
+  logits = jnp.concatenate([l_pos, l_neg], axis=1) / temperature
+  return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
+
+
+def lsgan_loss(pred, is_real):
+  """LSGAN (`GANLoss('lsgan')`): mean squared error of the scores to 1 (real) or 0 (fake)."""
+  target = 1.0 if is_real else 0.0
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))

@@ -6,7 +6,28 @@
 
 Multi-host: on TPU pods and SLURM `jax.distributed.initialize()` finds its peers
 by itself (--distributed=auto); elsewhere pass --coordinator_address,
---num_processes and --process_id to every process.
+--num_processes and --process_id to every process, e.g. two CPU hosts:
+
+  python -m confeti_jax.main --config=... --workdir=/shared/run \
+      --coordinator_address=10.0.0.1:12345 --num_processes=2 --process_id=0  # and =1
+
+Each process reads its slice of every global batch (train.batch_size stays global) and
+writes its part of each checkpoint, so the workdir must be on a filesystem all of them
+see; process 0 alone writes metrics and evaluation reports. SIGTERM to any process
+stops all of them at the same step, after a checkpoint. CPU hosts talk over gloo.
+
+Determinism: given the seed, a CPU run is reproducible bit for bit, also across a
+stop and resume (tests/test_train.py). On GPU, XLA's autotuner may pick different
+convolution and GEMM kernels from one compilation to the next, and some kernels
+accumulate with atomics. For run-to-run identical numbers (slower) start with
+
+  XLA_FLAGS="--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
+
+(deterministic_ops implies --xla_gpu_exclude_nondeterministic_ops). Caveat, not
+verified here for lack of a GPU: XLA has had no deterministic select-and-scatter, the
+gradient of max pooling that ResNet-V1c's stem uses, and refuses to compile it under
+these flags ("UNIMPLEMENTED: ... select-and-scatter ... does not have a deterministic
+implementation", google/flax#4233).
 """
 
 import os
@@ -24,7 +45,10 @@ if _ROOT not in sys.path:
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/toy.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, eval.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "stylize"],
+    "train (every stage of a multi-stage method, resuming), eval (the latest checkpoint of "
+    "the last stage), stylize (the generator's stylised source images as PNGs).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize(): 'auto' when a coordinator is given or detectable.")
@@ -56,16 +80,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _maybe_initialize_distributed()
-  from confeti_jax import evaluate, train, writer  # after distributed init: they touch JAX
+  # After distributed init: these touch JAX.
+  from confeti_jax import evaluate, stages, stylize, train, writer
 
   writer.quiet_library_logs()
 
-  config = _CONFIG.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
+  plan = stages.plan_for(config, workdir)  # None: a single-stage method
   if _MODE.value == "train":
-    train.train_and_evaluate(config, _WORKDIR.value)
+    if plan:
+      stages.run(config, workdir, plan)
+    else:
+      train.train_and_evaluate(config, workdir)
+  elif _MODE.value == "eval":
+    if plan:
+      _, config, workdir = plan[-1]
+    evaluate.run(config, workdir)
   else:
-    evaluate.run(config, _WORKDIR.value)
+    stylize.main_mode(config, workdir)
 
 
 if __name__ == "__main__":

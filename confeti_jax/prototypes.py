@@ -1,8 +1,19 @@
-"""Class-centre memory banks of CFContra: warm-up init, pseudo-labels, momentum updates.
+"""Class prototypes on the device: CONFETI's CAM-weighted top-n prototypes and CFContra's
+class-centre memory banks.
 
-Two banks of K class centres (source and target, K x D, unit rows) live in the
-`TrainState`. Every function here has fixed shapes and no host round-trip, so
-the whole bank life cycle runs inside the jitted step (peers.md §5, paper §3.2.2):
+Every function here has fixed shapes and no host round-trip, so both life cycles run
+inside the jitted step.
+
+CONFETI (confeti_spec.md §3.3, `Prototypes`): one K x 512 bank, updated each step
+from *teacher* projections of the mixed image. Features and CAM are upsampled to the
+label resolution (bilinear, align_corners=True); per class the top-32 pixels by CAM
+weight give a CAM-weighted mean, L2-normalised, folded in by EMA 0.999 (the first
+update of a class copies it); all rows are renormalised after the update. Only the
+selected pixels' upsampled features are ever formed (4 bilinear taps each), never the
+full-resolution feature map.
+
+CFContra (peers.md §5, paper §3.2.2): two banks of K class centres (source and
+target, K x D, unit rows):
 
 * warm-up: the official code initialises the banks from pickles made by a pass over
   301 source batches (per image and class c, the mean feature of pixels both
@@ -18,6 +29,7 @@ the whole bank life cycle runs inside the jitted step (peers.md §5, paper §3.2
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 IGNORE_INDEX = 255
@@ -166,3 +178,119 @@ def pseudo_label_stats(pseudo, truth, ignore_index=IGNORE_INDEX):
   n_labelled = jnp.sum(labelled).astype(jnp.float32)
   return (correct / jnp.maximum(n_assigned, 1.0), n_assigned / jnp.maximum(n_labelled, 1.0),
           correct / jnp.maximum(n_labelled, 1.0))
+
+
+# -- CONFETI: CAM-weighted top-n prototypes (confeti_spec.md §3.3) ---------------------------
+
+
+@struct.dataclass
+class Prototypes:
+  """CONFETI's class prototypes (K x D, unit or zero rows) and per-class update counts.
+
+  The reference keeps `update_count` as a plain tensor that is not checkpointed; here it
+  is part of the state, so a resumed run continues exactly.
+  """
+
+  protos: jax.Array  # [K, D] float32
+  counts: jax.Array  # [K] float32: pixels selected so far per class
+
+  @classmethod
+  def zeros(cls, num_classes, dim):
+    return cls(protos=jnp.zeros((num_classes, dim), jnp.float32),
+               counts=jnp.zeros((num_classes,), jnp.float32))
+
+
+def _align_corners_taps(out_size, in_size):
+  """(lo, hi, frac) numpy arrays of 1-D bilinear resampling with align_corners=True."""
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  src = np.arange(out_size, dtype=np.float64) * scale
+  lo = np.clip(np.floor(src).astype(np.int32), 0, in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def gather_upsampled(features, index, out_hw):
+  """Values at flat pixels `index` (over B x H x W) of `features` upsampled to `out_hw`.
+
+  Bilinear with align_corners=True, computed from the 4 low-resolution taps of each
+  requested pixel: the same numbers as upsampling the whole map, at n x D cost.
+
+  Args:
+    features: [B, h, w, D] low-resolution features.
+    index: int32 [...] flat pixel indices into [B, H, W] at the output resolution.
+    out_hw: (H, W).
+
+  Returns:
+    float32 [..., D].
+  """
+  b, h, w, d = features.shape
+  out_h, out_w = out_hw
+  y_lo, y_hi, y_frac = (jnp.asarray(a) for a in _align_corners_taps(out_h, h))
+  x_lo, x_hi, x_frac = (jnp.asarray(a) for a in _align_corners_taps(out_w, w))
+  batch, rest = index // (out_h * out_w), index % (out_h * out_w)
+  y, x = rest // out_w, rest % out_w
+  flat = features.astype(jnp.float32).reshape(b * h * w, d)
+
+  def tap(yy, xx):
+    return flat[(batch * h + yy) * w + xx]
+
+  fy, fx = y_frac[y][..., None], x_frac[x][..., None]
+  top = tap(y_lo[y], x_lo[x]) * (1.0 - fx) + tap(y_lo[y], x_hi[x]) * fx
+  bottom = tap(y_hi[y], x_lo[x]) * (1.0 - fx) + tap(y_hi[y], x_hi[x]) * fx
+  return top * (1.0 - fy) + bottom * fy
+
+
+def cam_weighted_class_means(features, labels, weights, eligible, *, num_classes, top_n,
+                             ignore_index=IGNORE_INDEX):
+  """Per class, the weighted mean of the top-n pixels by weight (the reference's loop).
+
+  For class c the candidates are the eligible pixels labelled c (flattened in b, y, x
+  order); the n with the largest weight are taken (`lax.top_k` puts the lower index
+  first on ties, as the reference's stable descending argsort does, which matters in
+  the warm-up when all weights are 1). f_c = sum(w F) / sum(w) over them, L2-normalised.
+
+  Args:
+    features: [B, h, w, D] projections (not normalised), upsampled on the fly.
+    labels: [B, H, W] labels at the output resolution (`ignore_index` = none).
+    weights: [B, H, W, K] per-class weights at the output resolution (CAM or ones).
+    eligible: [B, H, W] bool, pixels allowed at all (e.g. source-pasted only).
+    num_classes: K.
+    top_n: pixels per class (32 in the reference).
+
+  Returns:
+    (means [K, D] unit or zero rows, n_selected [K], weight_sums [K]).
+  """
+  b, h_out, w_out = labels.shape
+  classes = jnp.arange(num_classes, dtype=jnp.int32)
+  member = ((labels[..., None] == classes) & (labels != ignore_index)[..., None]
+            & eligible[..., None])                                   # [B, H, W, K]
+  scores = jnp.where(member, weights.astype(jnp.float32), -jnp.inf)
+  scores = scores.reshape(b * h_out * w_out, num_classes).T           # [K, N]
+  n = min(int(top_n), scores.shape[1])
+  top_w, index = jax.lax.top_k(scores, n)                             # [K, n]
+  selected = top_w > -jnp.inf
+  top_w = jnp.where(selected, top_w, 0.0)
+  feats = gather_upsampled(features, index, (h_out, w_out))           # [K, n, D]
+  weight_sums = jnp.sum(top_w, axis=1)
+  sums = jnp.einsum("kn,knd->kd", top_w, feats, precision=_HIGHEST)
+  means = l2_normalize(sums / jnp.where(weight_sums > 0, weight_sums, 1.0)[:, None])
+  return means, jnp.sum(selected, axis=1).astype(jnp.float32), weight_sums
+
+
+def update_prototypes(protos, means, n_selected, weight_sums, *, momentum):
+  """Folds per-class means into the prototypes exactly as `Prototypes.update_prototypes`.
+
+  A class with selected pixels adds them to its count; if their weights sum to 0 it is
+  skipped (count still grows). Its first update copies the mean; later ones are EMA
+  with rate a = min(1 - 1/(count + 1), 1 - momentum), i.e. 0.001: the intended
+  cumulative-average warm-up of the reference is a no-op because of the min, and is
+  kept that way. Finally every row is L2-normalised (never-seen rows stay 0).
+  """
+  counts_before = protos.counts
+  counts = counts_before + n_selected
+  update = (n_selected > 0) & (weight_sums > 0)
+  rate = jnp.minimum(1.0 - 1.0 / (counts + 1.0), 1.0 - momentum)[:, None]
+  blended = jnp.where((counts_before == 0)[:, None], means,
+                      (1.0 - rate) * protos.protos + rate * means)
+  new = jnp.where(update[:, None], blended, protos.protos)
+  return Prototypes(protos=l2_normalize(new), counts=counts)

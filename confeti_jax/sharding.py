@@ -7,6 +7,7 @@ mesh (sync-BN semantics) with no code in the models.
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,7 +47,19 @@ def check_batch_size(global_batch, mesh, what="train.batch_size"):
 
 
 def to_global(batch, mesh):
-  """Process-local numpy batch (nested dict) -> global jax.Arrays sharded over 'data'."""
+  """Process-local numpy batch (nested dict) -> global jax.Arrays sharded over 'data'.
+
+  Each process passes its own slice (batch // process_count rows); the global array
+  is their concatenation in process order, which is how `pipeline` shards the data.
+  """
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def process_sum(value):
+  """Sum of a host-side integer over all processes (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return int(value)
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int32))
+  return int(np.sum(gathered))

@@ -5,6 +5,11 @@ Everything method-specific sits behind `methods.build(config)`: its state and it
 pure `train_step(state, batch, key)`. The step is jitted once, with explicit
 shardings and the state donated; randomness is `fold_in(key(seed), step)`, so a
 resumed run draws exactly what the uninterrupted run would have.
+
+Multi-host: every process runs this same loop on its slice of each global batch
+(`pipeline` shards by process, `sharding.to_global` assembles); all decisions to log,
+evaluate, save or stop are taken at the same step on every process, because each of
+them ends in a collective.
 """
 
 import json
@@ -13,13 +18,25 @@ import signal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from confeti_jax import checkpoint, evaluate, methods, sharding, writer
 from confeti_jax.data import pipeline
 
-# Keys whose change makes an existing checkpoint unusable for this config.
+# Keys whose change makes an existing checkpoint unusable for this config; the model's
+# compute settings are not among them (float32 parameters either way).
 _STRUCTURAL_KEYS = ("method", "model", "num_classes")
+_COMPUTE_ONLY_MODEL_KEYS = ("dtype", "remat")
+# Bookkeeping the loaders add to a batch (sources.SkipCorrupt, rcs): host-side only.
+_HOST_KEYS = ("skipped", "rcs_class")
+
+
+def _structural(config_json, key):
+  value = config_json.get(key)
+  if key == "model" and isinstance(value, dict):
+    value = {k: v for k, v in value.items() if k not in _COMPUTE_ONLY_MODEL_KEYS}
+  return value
 
 
 def _check_or_write_config(config, workdir):
@@ -29,7 +46,8 @@ def _check_or_write_config(config, workdir):
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    diffs = [k for k in _STRUCTURAL_KEYS if previous.get(k) != current.get(k)]
+    diffs = [k for k in _STRUCTURAL_KEYS
+             if _structural(previous, k) != _structural(current, k)]
     if diffs:
       detail = "; ".join(f"{k}: checkpoint {previous.get(k)} vs config {current.get(k)}"
                          for k in diffs)
@@ -73,13 +91,21 @@ def make_train_step(method, config, mesh, state_shardings):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop finishes the step, saves and exits cleanly."""
+  """SIGTERM sets a flag; the loop finishes the step, saves and exits cleanly.
+
+  Only without jax.distributed: there the coordination service catches SIGTERM itself
+  and `Checkpointer.reached_preemption` turns it into one agreed step on every process.
+  A Python handler would replace that C++ one (checked on jax 0.10.2: the sync point
+  then never fires) and let each process stop at a step of its own, hanging the rest.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
+    if jax.distributed.is_initialized():
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some test runners)
@@ -97,8 +123,28 @@ class _Preemption:
 
 
 def next_global_batch(iterators, mesh):
-  local = {name: next(it) for name, it in iterators.items()}
-  return sharding.to_global(local, mesh)
+  """(global batch of every domain, files this process's loaders skipped as corrupt).
+
+  The loaders' bookkeeping keys stay on the host: they are no model input, and the
+  step's signature then does not depend on whether rare-class sampling is on.
+  """
+  local, skipped = {}, 0
+  for name, it in iterators.items():
+    batch = dict(next(it))
+    skipped += int(np.sum(batch.get("skipped", 0)))
+    local[name] = {k: v for k, v in batch.items() if k not in _HOST_KEYS}
+  return sharding.to_global(local, mesh), skipped
+
+
+def _close(ckpt, failing):
+  """Closes the checkpointer; while another error propagates, only logs a save failure."""
+  if not failing:
+    ckpt.close()
+    return
+  try:
+    ckpt.close()
+  except checkpoint.CheckpointError as error:
+    logging.error("%s", error)
 
 
 def train_and_evaluate(config, workdir):
@@ -130,13 +176,15 @@ def train_and_evaluate(config, workdir):
 
   # -- restore -----------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints, cleanup=True)
   latest = ckpt.latest_step()
+  loop_counters = {}
   if latest is not None:
     logging.info("Resuming from the checkpoint of step %d in %s", latest, ckpt.directory)
     del state  # free the fresh buffers before reading the saved ones
     state = ckpt.restore(latest, abstract_state,
                          {f"{k}_iter": v for k, v in iterators.items()})
+    loop_counters = ckpt.restore_loop(latest)
   first_step = int(jax.device_get(state.step))
   total_steps = int(config.train.steps)
 
@@ -145,9 +193,22 @@ def train_and_evaluate(config, workdir):
   chrono = metric_writer.chrono
   chrono.start(first_step)
 
+  # Corrupt files the loaders passed over since the run began: all processes' total as of
+  # the last report, and this process's skips since then.
+  skipped_total = int(loop_counters.get("data_skipped_total", 0))
+  skipped_here = 0
+
+  def data_skipped_total():
+    """Folds in every process's new skips: a collective, called at the same steps by all."""
+    nonlocal skipped_total, skipped_here
+    skipped_total += sharding.process_sum(skipped_here)
+    skipped_here = 0
+    return skipped_total
+
   def save(step):
     chrono.pause()
-    ckpt.save(step, state, {f"{k}_iter": v for k, v in iterators.items()})
+    ckpt.save(step, state, {f"{k}_iter": v for k, v in iterators.items()},
+              loop={"data_skipped_total": data_skipped_total()})
     chrono.resume()
 
   # -- loop --------------------------------------------------------------------
@@ -157,10 +218,12 @@ def train_and_evaluate(config, workdir):
   stop_at = int(config.train.stop_at_step)
   summed, count = None, 0
   step = first_step
+  failing = True
   try:
     with _Preemption() as preemption, metric_writer:
       while step < total_steps:
-        batch = next_global_batch(iterators, mesh)
+        batch, skipped = next_global_batch(iterators, mesh)
+        skipped_here += skipped
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = train_step(state, batch)
         step += 1
@@ -173,6 +236,7 @@ def train_and_evaluate(config, workdir):
         if step % log_every == 0 or checkpoint_now:
           # Host sync only here: averaged metrics since the last report.
           scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+          scalars["data_skipped_total"] = data_skipped_total()
           summed, count = None, 0
           metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
         if eval_every > 0 and (step % eval_every == 0 or last):
@@ -187,7 +251,8 @@ def train_and_evaluate(config, workdir):
           logging.warning("Stopped at step %d (preemption or train.stop_at_step); rerun the "
                           "same command to resume.", step)
           break
+    failing = False
   finally:
-    ckpt.close()  # waits for an async save in flight, also on errors
+    _close(ckpt, failing)  # waits for the save in flight, also on errors
   logging.info("Finished at step %d (%s)", step, workdir)
   return state

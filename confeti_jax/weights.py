@@ -248,6 +248,27 @@ def convert_vgg19_normalised(state_dict):
   return {"params": adain.convert_vgg_normalised(state_dict)}
 
 
+@register("cut_generator")
+def convert_cut_generator(state_dict):
+  """CUT `latest_net_G.pth` (keys model.N[.conv_block.J], optional 'module.') -> G."""
+  from confeti_jax.models import cut  # flax-side module, imported on use
+  return {"params": cut.convert_generator(state_dict)}
+
+
+@register("cut_discriminator")
+def convert_cut_discriminator(state_dict):
+  """CUT `latest_net_D.pth` (PatchGAN, keys model.N) -> D."""
+  from confeti_jax.models import cut
+  return {"params": cut.convert_discriminator(state_dict)}
+
+
+@register("cut_patch_mlp")
+def convert_cut_patch_mlp(state_dict):
+  """CUT `latest_net_F.pth` (keys mlp_I.0 / mlp_I.2) -> the patch MLPs."""
+  from confeti_jax.models import cut
+  return {"params": cut.convert_patch_mlp(state_dict)}
+
+
 def aux_head_kernels(state_dict):
   """1x1 kernels of the CONFETI auxiliary heads ('aux_heads.I.<conv>.weight' -> HWIO).
 
@@ -273,6 +294,12 @@ def detect_format(state_dict):
     return "mmseg_resnet_v1c"
   if has(r"^conv1\.0\.weight$"):
     return "timm_resnet_c"
+  if has(r"^(module\.)?model\.\d+\.conv_block\."):
+    return "cut_generator"
+  if has(r"^(module\.)?model\.0\.weight$"):
+    return "cut_discriminator"
+  if has(r"^(module\.)?mlp_\d+\.0\.weight$"):
+    return "cut_patch_mlp"
   if has(r"^conv1\.weight$"):
     raise WeightsError(
         "This is a ResNet with a single 7x7 stem convolution (torchvision / timm 'resnetNN'). "

@@ -34,6 +34,7 @@ def base_config():
 
   c.model = ml_collections.ConfigDict(dict(
       backbone="resnet101", width=1.0, dtype="float32", aspp_dilations=(6, 12, 18, 24),
+      remat="",  # backbone stages recomputed in backward: '', 'all' or e.g. 'layer3,layer4'
   ))
   # Weights (confeti_jax/weights.py; convert .pth once with scripts/convert_weights.py):
   # `pretrained` = ImageNet backbone (.npz/.safetensors; the reference loads
@@ -117,6 +118,45 @@ def _dacs():
   )
 
 
+def _confeti():
+  """CONFETI (confeti_spec.md §3, §4, §5): DACS + prototypes/PCL [+ joint CUT, L_SC]."""
+  return dict(
+      _dacs(),
+      # The pipeline (confeti_spec.md §5): 0 = CUT alone (the reference starts stage 1
+      # from a pre-trained CUT), 1 = joint stage, 2 = fresh segmentor, frozen G.
+      stages="0,1,2",          # which stages a run trains, in order ('1' = one stage)
+      stage=1,                 # the stage this config's step runs (set by the plan)
+      stage0_steps=20000,      # not in the reference ("a few epochs" of CUT, issue #4)
+      stage2_crop=(640, 640),  # stage 1 uses data.crop_size (512)
+      cut_from="",             # workdir whose checkpoint gives G (and D, F); set by the plan
+      pixel_alignment=True,    # style module (+ L_SC when joint); False = model B
+      style="cut",             # 'cut' (reference) | 'fda' (Table 4, fixed Fourier swap)
+      style_training="joint",  # 'joint' (reference) | 'frozen' (offline; Table 3 A, C)
+      sc_loss="prototype",     # 'prototype' (reference L_SC) | 'mse' | 'ce' | 'none' (Table 4)
+      sc_weight=0.1,
+      fda_beta=0.01,           # FDA's L (band = floor(min(H, W) beta)) when style='fda'
+      cut=cut_config(),
+      proto=dict(
+          enabled=True,        # CAM + projection heads, prototypes, PCL and regulariser
+          dim=512,             # projection width (conv_proj 2048 -> 512, no bias)
+          momentum=0.999,      # prototype EMA (a = 0.001 after a class's first update)
+          top_n=32,            # pixels per class by CAM weight (hard-coded in the code)
+          source="mixed",      # 'mixed' (reference) | 'source' (Table 5 source prototypes)
+          weighting="cam",     # 'cam' (reference) | 'uniform' (Table 5 w/o CAM)
+          pcl=True,            # PCL + regulariser terms (False: Table 5 w/o prototype)
+          cam_weight=1.0,      # CAM BCE, source every step, mixed after cam_mix_after
+          cam_mix_after=2000,
+          pcl_after=3000,      # PCL src > / mix >= / tgt >; CAM weights and all pixels >
+          temperature=0.1,
+          num_samples=4096,    # random valid pixels per PCL term
+          pcl_weight=0.5,
+          reg_weight=2.0,      # x sum(log p) / (K ln K)
+          reg_variant="code",  # 'code' (reference sign) | 'diversity' (paper's intent)
+          target_pcl="joint",  # 'joint' (reference: while CUT trains) | 'always' | 'never'
+      ),
+  )
+
+
 def _minent():
   """ADVENT MinEnt (peers.md §3.1): entropy weights and the multi-level head."""
   return dict(
@@ -157,9 +197,35 @@ def _cfcontra():
   )
 
 
+def cut_config():
+  """The `method.cut` sub-dict: CUT as CONFETI runs it (confeti_spec.md §4.2), shared by
+  stage 0 (method 'cut') and CONFETI's joint stage."""
+  return dict(
+      ngf=64, n_blocks=9,             # resnet_9blocks generator
+      ndf=64, n_layers_d=3,           # 'basic' PatchGAN
+      netf_nc=256,                    # patch MLP width
+      nce_layers=(0, 4, 8, 12, 16),   # indices of the generator's nn.Sequential
+      num_patches=256, nce_t=0.07,
+      lambda_gan=1.0, lambda_nce=1.0,
+      nce_idt=True,                   # identity NCE on G(x_t) (CUT mode)
+      lr=2e-4, b1=0.5, b2=0.999,      # Adam for G, D and F; constant (never decayed)
+      dtype="",                       # compute dtype; '' = model.dtype
+      remat=False,                    # recompute G's ResNet blocks in the backward pass
+      # .npz (or .pth with torch) of latest_net_G / _D / _F.pth; '' = xavier init.
+      gen_weights="", disc_weights="", mlp_weights="",
+  )
+
+
+def _cut():
+  """Stage 0: stand-alone CUT (source -> target), no segmentor."""
+  return dict(cut=cut_config())
+
+
 _METHOD_DEFAULTS = {
     "source_only": _source_only,
     "minent": _minent,
     "cfcontra": _cfcontra,
     "dacs": _dacs,
+    "cut": _cut,
+    "confeti": _confeti,
 }

@@ -1,4 +1,4 @@
-"""GTA5 -> Cityscapes with the reference data protocol (confeti_spec.md §2.4-2.5, §7, §8).
+"""GTA5 -> Cityscapes with the reference data protocol (confeti_spec.md §2.4-2.5, §5, §7, §8).
 
 GTA5 resized keep-ratio into 1280x720 (1914x1052 -> 1280x704), Cityscapes train into
 1280x640, random crops (512 stage 1, 640 stage 2) with cat_max_ratio 0.75 on the
@@ -6,24 +6,34 @@ source only, flip 0.5, rare-class sampling (T 0.01, 3000 px, crop ratio 0.5), ba
 2 + 2, DeepLabV2 / ResNet-101 V1c. Evaluation on Cityscapes val at the full
 2048x1024 (the official code) or, with `eval=1280`, at 1280x640 (DAFormer / CONFETII).
 
+The default method is CONFETI's whole pipeline (confeti_spec.md §5): stage 0 trains CUT
+alone, stage 1 the segmentor jointly with CUT (512 crops), stage 2 a fresh segmentor
+with the generator frozen (640 crops), in WORKDIR/stage{0,1,2}; rerunning the command
+resumes whichever stage was interrupted. `:stage=N` runs one stage (its predecessor's
+workdir must hold a finished run, or give the weights, e.g. the released CUT G).
+
   python scripts/prepare_data.py --dataset=gta5 --root=/data/gta       # RCS stats, once
   python scripts/convert_weights.py resnet101_v1c-e67eebb6.pth r101_v1c.npz   # once
-  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=workdirs/gta2cs \\
-      --config.data.source.root=/data/gta --config.data.target.root=/data/cityscapes \\
+  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=workdirs/gta2cs \
+      --config.data.source.root=/data/gta --config.data.target.root=/data/cityscapes \
       --config.model.pretrained=r101_v1c.npz
+  # the second stage alone from the released stage-1 generator (latest_net_G.pth -> .npz):
+  python -m confeti_jax.main --config=configs/gta2cs.py:stage=2 --workdir=workdirs/gta2cs \
+      ... --config.method.cut.gen_weights=latest_net_G.npz
+  # baselines: :method=source_only or :method=dacs (one stage, 512 crops)
   # evaluate a released CONFETI / DAFormer checkpoint (converted to .npz):
-  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=workdirs/released \\
-      --mode=eval --config.data.target.root=/data/cityscapes \\
+  python -m confeti_jax.main --config=configs/gta2cs.py:method=dacs --workdir=workdirs/rel \
+      --mode=eval --config.data.target.root=/data/cityscapes \
       --config.model.init_from=released.npz
   # miniature run on a CPU against small folders in the same layouts:
-  python -m confeti_jax.main --config=configs/gta2cs.py --workdir=/tmp/mini ... \\
-      --config.model.backbone=resnet18 --config.model.width=0.125 \\
-      --config.data.source.scale='(160,90)' --config.data.target.scale='(160,80)' \\
-      --config.data.crop_size='(64,64)' --config.data.rcs.min_pixels=50 \\
+  python -m confeti_jax.main --config=configs/gta2cs.py:method=dacs --workdir=/tmp/mini ... \
+      --config.model.backbone=resnet18 --config.model.width=0.125 \
+      --config.data.source.scale='(160,90)' --config.data.target.scale='(160,80)' \
+      --config.data.crop_size='(64,64)' --config.data.rcs.min_pixels=50 \
       --config.train.steps=4 --config.eval.resize=True --config.eval.scale='(160,80)'
 
-Arguments (`:key=value,...`): method (default source_only), crop (512 | 640),
-eval (full | 1280), rcs (1 | 0).
+Arguments (`:key=value,...`): method (default confeti), stage (all | 0 | 1 | 2, CONFETI),
+crop (512 | 640), eval (full | 1280), rcs (1 | 0).
 """
 
 from configs import common
@@ -46,10 +56,23 @@ def apply_protocol(config, args):
   return config
 
 
-def get_config(arg=None):
-  args = common.parse_arg(arg, method="source_only", crop=512, eval="full", rcs=1)
-  config = common.base_config()
+def apply_method(config, args):
+  """The method sub-config; self-training keeps the reference's fixed 15 / 120 ignored rows
+  at both crop sizes, and CONFETI runs the stages `args.stage` names."""
   config.method = common.method_config(args.method)
+  if "psweight_ref_height" in config.method:
+    config.method.psweight_ref_height = 0
+  if args.method == "confeti":
+    config.method.stages = "0,1,2" if args.stage == "all" else args.stage
+  elif args.stage != "all":
+    raise ValueError(f"stage={args.stage!r} applies to method=confeti only.")
+  return config
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, method="confeti", stage="all", crop=512, eval="full", rcs=1)
+  config = common.base_config()
+  apply_method(config, args)
   config.data.source.kind = "gta5"
   config.data.source.scale = (1280, 720)
   config.data.target.kind = "cityscapes"

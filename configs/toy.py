@@ -11,6 +11,7 @@ Sizes are small enough for a 2-core CPU; every one of them can be overridden.
       --config.eval.dataset=source   # source-val mIoU, to measure the domain gap
 
 Arguments (`:key=value,...`): method (default source_only), tiny (1 = test-sized run).
+method=cut trains CUT alone (CONFETI's stage 0) with a narrow generator.
 """
 
 from configs import common
@@ -47,6 +48,13 @@ def get_config(arg=None):
   config.eval.every_steps = 400
   config.eval.batch_size = 8
 
+  if args.method == "confeti":
+    # Sizes only: the reference's step gates (CAM on mixed images after 2000, PCL and
+    # CAM-weighted prototypes after 3000, of 80k steps) shrink by the factor the LR
+    # warm-up shrinks (1500 -> 100), and the projection by the backbone width.
+    config.method.proto.cam_mix_after = 133
+    config.method.proto.pcl_after = 200
+    config.method.proto.dim = 128
   if args.tiny:
     config.data.toy.num_source = 8
     config.data.toy.num_source_val = 4
@@ -62,4 +70,18 @@ def get_config(arg=None):
     config.optim.warmup_steps = 2
     config.eval.every_steps = 3
     config.eval.batch_size = 8
+  if args.method in ("cut", "confeti"):
+    # CUT in miniature: a narrow generator and discriminator (the real ones have
+    # ngf = ndf = 64, 9 blocks); 5 blocks keep the reference NCE taps 0,4,8,12,16
+    # (16 = the 5th block).
+    config.method.cut.ngf = 4 if args.tiny else 16
+    config.method.cut.ndf = 4 if args.tiny else 16
+    config.method.cut.n_blocks = 5
+    config.method.cut.num_patches = 32 if args.tiny else 64
+  if args.method == "cut":
+    config.eval.every_steps = 0  # stage 0 alone: no segmentor, nothing to evaluate
+  if args.method == "confeti":
+    # Stage 2 crops 640/512 = 1.25 x stage 1's; stage 0 a third of a segmentor stage.
+    config.method.stage0_steps = 3 if args.tiny else 400
+    config.method.stage2_crop = (80, 80) if args.tiny else (160, 160)
   return config

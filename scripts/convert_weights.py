@@ -7,7 +7,8 @@ tensors are widened to float32; non-tensor entries (meta, optimizer) are dropped
 
   python scripts/convert_weights.py resnet101_v1c-e67eebb6.pth r101_v1c.npz
   python scripts/convert_weights.py released_confeti.pth confeti_gta.npz --check
-  python scripts/convert_weights.py latest_net_G.pth cut_G.npz
+  python scripts/convert_weights.py latest_net_G.pth cut_G.npz --check
+  python scripts/convert_weights.py latest_net_D.pth cut_D.npz --check --format=cut_discriminator
 
 --check also runs the matching converter of confeti_jax/weights.py (detected from the key
 names, or --format) and prints what it produced, so a wrong file is caught before a run.
@@ -48,7 +49,9 @@ def main(argv=None):
   parser.add_argument("input", help=".pth / .pt checkpoint")
   parser.add_argument("output", help=".npz to write")
   parser.add_argument("--check", action="store_true", help="run the flax converter on it")
-  parser.add_argument("--format", default="auto", help="converter name for --check")
+  parser.add_argument("--format", default="auto",
+                      help="converter for --check (confeti_jax.weights.CONVERTERS, e.g. "
+                           "cut_generator, cut_discriminator, cut_patch_mlp)")
   parser.add_argument("--unsafe_pickle", action="store_true",
                       help="allow arbitrary pickled objects (trusted files only)")
   args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ outputs are skipped, so an interrupted run resumes.
 
 import functools
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -85,20 +84,6 @@ def read_resized(path, size):
   return np.asarray(im, np.float32) / 255.0
 
 
-def to_uint8(image):
-  """torchvision save_image's rounding: floor(clamp(x, 0, 1) * 255 + 0.5)."""
-  return np.floor(np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def link_or_copy(src, dst):
-  if os.path.lexists(dst):
-    return
-  try:
-    os.symlink(os.path.abspath(src), dst)
-  except OSError:
-    shutil.copyfile(src, dst)
-
-
 def stylize_folder(networks, content_root, style_dir, out_root, *, num_styles=4, alpha=1.0,
                    size=(1024, 2048), seed=0, shard_index=0, shard_count=1, limit=0):
   """Stylises this shard's images of `content_root` into `out_root`; returns how many."""
@@ -106,6 +91,7 @@ def stylize_folder(networks, content_root, style_dir, out_root, *, num_styles=4,
 
   from confeti_jax.data import sources
   from confeti_jax.models import adain
+  from confeti_jax.stylize import link_or_copy, save_png, to_uint8
 
   source = sources.GTA5Source(content_root)  # validates the layout and pairs the labels
   styles = find_images(style_dir)
@@ -129,9 +115,7 @@ def stylize_folder(networks, content_root, style_dir, out_root, *, num_styles=4,
     style = np.stack([read_resized(styles[i], size) for i in picks])
     out = np.asarray(run(enc_params, dec_params, content, style))[0]
     out = Image.fromarray(to_uint8(out)).resize((original[1], original[0]), Image.BILINEAR)
-    tmp = out_path + ".part"
-    out.save(tmp, format="PNG")
-    os.replace(tmp, out_path)  # a killed run never leaves a half-written image
+    save_png(out, out_path)  # atomic: a killed run never leaves a half-written image
     written += 1
     if written % 100 == 0:
       logging.info("%d images stylised (index %d of %d)", written, index, count)

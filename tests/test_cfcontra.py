@@ -307,6 +307,8 @@ def test_end_to_end_three_steps(tmp_path):
   adds the four 1e-3 terms, the head stays at its initial draw, the banks are unit."""
   config = _config()
   config.data.toy.cache_dir = str(tmp_path / "cache")
+  config.data.crop_size = (32, 32)  # compile-bound: small crops, one (final) checkpoint
+  config.train.checkpoint_every_steps = 100
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 3

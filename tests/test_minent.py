@@ -167,6 +167,8 @@ def test_bn_modes():
 def test_end_to_end_three_steps(tmp_path):
   config = toy.get_config("method=minent,tiny=1")
   config.data.toy.cache_dir = str(tmp_path / "cache")
+  config.data.crop_size = (32, 32)  # compile-bound: small crops, one (final) checkpoint
+  config.train.checkpoint_every_steps = 100
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 3

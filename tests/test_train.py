@@ -52,8 +52,9 @@ def test_end_to_end_train_and_eval(toy_cache, tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [1, 2, 3]
-  for key in ("loss", "lr_backbone", "lr_head", "steps_per_sec"):
+  for key in ("loss", "lr_backbone", "lr_head", "steps_per_sec", "data_skipped_total"):
     assert all(key in r for r in rows), key
+  assert [r["data_skipped_total"] for r in rows] == [0, 0, 0]
   assert any(name.startswith("events") for name in os.listdir(os.path.join(workdir,
                                                                            "tensorboard")))
 
@@ -105,6 +106,20 @@ def test_sharded_step_equals_single_device(toy_cache):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), bs8, bs1)
 
 
+def test_next_global_batch_keeps_loader_bookkeeping_on_the_host():
+  def loader(skips):
+    for s in skips:
+      yield {"image": np.zeros((8, 4, 4, 3), np.uint8), "label": np.zeros((8, 4, 4), np.uint8),
+             "skipped": np.asarray(s, np.int32), "rcs_class": np.arange(8, dtype=np.int32)}
+
+  iterators = {"source": loader([[0] * 7 + [2]]), "target": loader([[1] * 8])}
+  batch, skipped = train.next_global_batch(iterators, sharding.make_mesh())
+  assert skipped == 10
+  assert set(batch) == {"source", "target"}
+  assert set(batch["source"]) == set(batch["target"]) == {"image", "label"}
+  assert batch["source"]["image"].shape == (8, 4, 4, 3)
+
+
 def _main(workdir, cache, steps, stop_at=0):
   cmd = [sys.executable, "-m", "confeti_jax.main", "--config=configs/toy.py:tiny=1",
          f"--workdir={workdir}", f"--config.data.toy.cache_dir={cache}",
@@ -129,8 +144,15 @@ def test_resume_in_fresh_process_is_bitwise(toy_cache, tmp_path):
   _main(straight, toy_cache, 4)
   a, b = _saved_params(resumed, 4), _saved_params(straight, 4)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  with open(os.path.join(resumed, "metrics.jsonl")) as f:
-    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+  rows = {}
+  for run in (resumed, straight):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      rows[run] = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows[resumed]] == [1, 2, 3, 4]
+  # Same seed, same metrics: every logged value but the timings, bit for bit.
+  timing = ("steps_per_sec", "eta_seconds", "time", "wall_time", "uptime")
+  strip = lambda r: {k: v for k, v in r.items() if k not in timing}
+  assert [strip(r) for r in rows[resumed]] == [strip(r) for r in rows[straight]]
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(toy_cache, tmp_path, monkeypatch):

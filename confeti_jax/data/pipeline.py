@@ -139,9 +139,11 @@ def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_s
 
   Shuffled anew each epoch from `seed`; augmentation keyed by (seed, position), so
   `iter(ds).get_state()` / `set_state()` (or orbax with grain.checkpoint) resumes
-  exactly. Shards take every shard_count-th sample of the stream before batching,
-  so processes never share a sample within an epoch. `samples`, an infinite MapDataset
-  of transformed samples (rare-class sampling), replaces the shuffled epochs.
+  exactly. With shard_count processes, `batch_size` is the per-process batch and shard
+  k takes the k-th slice of every global batch: the processes' batches, concatenated
+  in process order, are exactly the global batch one process would read, so a run's
+  data does not depend on how many hosts it is spread over. `samples`, an infinite
+  MapDataset of transformed samples (rare-class sampling), replaces the shuffled epochs.
   """
   if len(source) == 0:
     raise DatasetError(f"{source!r} is empty; nothing to train on.")
@@ -150,9 +152,11 @@ def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_s
   else:
     ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(None)
     ds = ds.random_map(TrainTransform(scale, crop_size, cat_max_ratio, flip_prob))
+  # Consecutive local batches of the stream are the slices of one global batch, so
+  # process k reads local batches k, k + n, k + 2n, ... (lazily: only those are decoded).
+  ds = ds.batch(int(batch_size), drop_remainder=True)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
-  ds = ds.batch(int(batch_size), drop_remainder=True)
   # A short read-ahead: batches of full-size crops are megabytes each.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:

@@ -9,8 +9,10 @@ import importlib
 METHODS = {
     "source_only": "confeti_jax.methods.source_only:SourceOnly",
     "dacs": "confeti_jax.methods.dacs:DACS",
+    "confeti": "confeti_jax.methods.confeti:CONFETI",
     "minent": "confeti_jax.methods.minent:MinEnt",
     "cfcontra": "confeti_jax.methods.cfcontra:CFContra",
+    "cut": "confeti_jax.methods.cut:CUTTraining",
 }
 
 

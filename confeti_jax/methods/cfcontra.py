@@ -217,7 +217,8 @@ class AdaINTraining:
   lr_t = lr / (1 + 5e-5 t). The encoder sits in `state.imnet`, the decoder in
   `state.gen`; there is no segmentor, so nothing is evaluated (eval.every_steps=0).
   With `style.random_encoder=True` (the toy, which has no ImageNet weights) a random
-  encoder is drawn instead: random-feature AdaIN, a stand-in and not the reference.
+  encoder is drawn instead (He-normal, no biases: `adain.random_encoder_params`):
+  random-feature AdaIN, a stand-in and not the reference.
   """
 
   name = "cfcontra_style"
@@ -247,7 +248,7 @@ class AdaINTraining:
           "The AdaIN stage needs the VGG-19 encoder weights: convert vgg_normalised.pth with "
           "`python scripts/convert_weights.py vgg_normalised.pth vgg.npz` and pass "
           "--config.method.style.vgg_weights=vgg.npz (random_encoder=True: toy runs only).")
-    return self.encoder.init(key, x)["params"]
+    return adain.random_encoder_params(self.encoder, key, x)
 
   def init_state(self, key):
     x = jnp.zeros((1, 16, 16, 3), jnp.float32)

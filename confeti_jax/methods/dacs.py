@@ -145,14 +145,25 @@ class DACS(base.SegmentorMethod):
     return jax.lax.stop_gradient(feats), mask
 
   # -- step ------------------------------------------------------------------------
-  def train_step(self, state, batch, key):
+  def prepare(self, state, batch, key, s2t=None):
+    """Everything before the student's losses (steps 1-6 above), as a dict.
+
+    `s2t` is a stylised source the caller already made (in the segmentor's
+    normalisation); otherwise `stylize_source` makes it.
+
+    Keys: raw_source, src_labels, target, s2t (detached), teacher (EMA-updated, with
+    its BN statistics after the target pass), pseudo, max_prob, tgt_weight, q, mask
+    (ClassMix, True = source pixel), mixed (augmented, detached), mixed_labels,
+    mixed_weight, and imnet_feats / fd_mask when the feature distance is on.
+    """
     raw_source = augment.normalize(batch["source"]["image"])
     src_labels = batch["source"]["label"].astype(jnp.int32)
     target = augment.normalize(batch["target"]["image"])
 
     teacher = self.update_teacher(state)
-    s2t = jax.lax.stop_gradient(
-        self.stylize_source(state, raw_source, jax.random.fold_in(key, STREAM_STYLE)))
+    if s2t is None:
+      s2t = self.stylize_source(state, raw_source, jax.random.fold_in(key, STREAM_STYLE))
+    s2t = jax.lax.stop_gradient(s2t)
 
     max_prob, pseudo, teacher_stats = self.teacher_predict(teacher, target)
     teacher = {"params": teacher["params"], "batch_stats": teacher_stats}
@@ -161,25 +172,43 @@ class DACS(base.SegmentorMethod):
 
     mask = augment.class_mix_masks(jax.random.fold_in(key, STREAM_CLASSMIX), src_labels)
     mixed = augment.one_mix(mask, s2t, target)
-    mixed_labels = augment.one_mix(mask, src_labels, pseudo)
-    mixed_weight = augment.one_mix(mask, jnp.ones_like(tgt_weight), tgt_weight)
     mixed = photometric.strong_transform(
         jax.random.fold_in(key, STREAM_JITTER), jax.random.fold_in(key, STREAM_BLUR), mixed,
         jitter_strength=self.jitter_strength, jitter_p=self.jitter_p, blur=self.blur)
-    mixed = jax.lax.stop_gradient(mixed)
+    out = dict(
+        raw_source=raw_source, src_labels=src_labels, target=target, s2t=s2t,
+        teacher=teacher, pseudo=pseudo, max_prob=max_prob, tgt_weight=tgt_weight, q=q,
+        mask=mask, mixed=jax.lax.stop_gradient(mixed),
+        mixed_labels=augment.one_mix(mask, src_labels, pseudo),
+        mixed_weight=augment.one_mix(mask, jnp.ones_like(tgt_weight), tgt_weight))
     if self.fd_lambda > 0:
-      imnet_feats, fd_mask = self.fd_target(state, raw_source, src_labels)
+      out["imnet_feats"], out["fd_mask"] = self.fd_target(state, raw_source, src_labels)
+    return out
+
+  def fd_loss(self, aux, prep):
+    """The weighted ImageNet feature distance of the student's source layer4 (0 if off)."""
+    if self.fd_lambda <= 0:
+      return jnp.zeros((), jnp.float32)
+    return self.fd_lambda * losses.masked_feature_distance(
+        aux["layer4"], prep["imnet_feats"], prep["fd_mask"])
+
+  def step_metrics(self, batch, prep, loss, parts, grads, step):
+    metrics = {"loss": loss, **parts, "pseudo_weight": prep["q"],
+               "grad_norm": base.global_norm(grads), **self.learning_rates(step)}
+    if "label" in batch["target"]:
+      metrics["pseudo_acc"] = pseudo_label_accuracy(prep["pseudo"], batch["target"]["label"])
+    return metrics
+
+  def train_step(self, state, batch, key):
+    prep = self.prepare(state, batch, key)
 
     def loss_fn(params):
       # Source first, then mixed: the order the reference updates BN running statistics.
       src_loss, (_, aux, stats) = self.segmentation_loss(
-          params, state.batch_stats, s2t, src_labels)
-      fd_loss = jnp.zeros((), jnp.float32)
-      if self.fd_lambda > 0:
-        fd_loss = self.fd_lambda * losses.masked_feature_distance(
-            aux["layer4"], imnet_feats, fd_mask)
+          params, state.batch_stats, prep["s2t"], prep["src_labels"])
+      fd_loss = self.fd_loss(aux, prep)
       mix_loss, (_, _, stats) = self.segmentation_loss(
-          params, stats, mixed, mixed_labels, weight=mixed_weight)
+          params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"])
       total = src_loss + fd_loss + mix_loss
       return total, (stats, {"loss_src_seg": src_loss, "loss_fd": fd_loss,
                              "loss_mix_seg": mix_loss})
@@ -187,11 +216,9 @@ class DACS(base.SegmentorMethod):
     (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.seg.params)
     seg = state.seg.apply_gradients(grads)
-    metrics = {"loss": loss, **parts, "pseudo_weight": q,
-               "grad_norm": base.global_norm(grads), **self.learning_rates(state.step)}
-    if "label" in batch["target"]:
-      metrics["pseudo_acc"] = pseudo_label_accuracy(pseudo, batch["target"]["label"])
-    new_state = state.replace(step=state.step + 1, seg=seg, batch_stats=stats, teacher=teacher)
+    metrics = self.step_metrics(batch, prep, loss, parts, grads, state.step)
+    new_state = state.replace(step=state.step + 1, seg=seg, batch_stats=stats,
+                              teacher=prep["teacher"])
     return new_state, metrics
 
 

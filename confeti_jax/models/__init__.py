@@ -20,13 +20,17 @@ def parse_dtype(name: str):
   return DTYPES[name]
 
 
-def build_segmentor(model_cfg, num_classes: int) -> DeepLabV2:
-  """DeepLabV2 from the `config.model` sub-dict (backbone, width, dtype, aspp_dilations)."""
+def build_segmentor(model_cfg, num_classes: int, **heads) -> DeepLabV2:
+  """DeepLabV2 from the `config.model` sub-dict (backbone, width, dtype, aspp_dilations).
+
+  `heads` are the method's auxiliary heads (e.g. cam_head=True, proj_dim=512).
+  """
   return DeepLabV2(
+      **heads,
       num_classes=num_classes,
       backbone=model_cfg.backbone,
       width=float(model_cfg.width),
       aspp_dilations=tuple(int(d) for d in model_cfg.aspp_dilations),
       dtype=parse_dtype(model_cfg.dtype),
-      remat=bool(model_cfg.get("remat", False)),
+      remat=model_cfg.get("remat", False),
   )

@@ -121,6 +121,31 @@ class Decoder(nn.Module):
     return x.astype(jnp.float32)
 
 
+def random_encoder_params(encoder, key, x):
+  """A random stand-in for the VGG weights (toy runs only): He-normal kernels, zero biases.
+
+  The encoder's own initialiser is PyTorch's default, built to be overwritten by the
+  imported weights: with it, each ReLU layer shrinks the signal and the biases take
+  over, so at relu4_1 the spatial variation is ~1e-4 of the channel means and the
+  decoder learns a constant image. N(0, 2 / fan_in) kernels without biases keep the
+  features' scale through depth (random-feature AdaIN, not the reference).
+  """
+  shapes = jax.eval_shape(encoder.init, key, x)["params"]  # shapes only: no forward pass
+
+  @jax.jit
+  def draw(key):
+    keys = dict(zip(sorted(shapes), jax.random.split(jax.random.fold_in(key, 1), len(shapes))))
+    out = {}
+    for name, layer in shapes.items():
+      kernel, bias = layer["kernel"], layer["bias"]
+      fan_in = int(np.prod(kernel.shape[:-1]))
+      out[name] = {"kernel": jax.random.normal(keys[name], kernel.shape, kernel.dtype)
+                   * np.sqrt(2.0 / fan_in), "bias": jnp.zeros(bias.shape, bias.dtype)}
+    return out
+
+  return draw(key)
+
+
 def mean_std(features, eps=1e-5):
   """Per-sample, per-channel mean and sqrt(unbiased var + eps) over H, W: [B, 1, 1, C]."""
   f = features.astype(jnp.float32)

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from confeti_jax.models import heads
 from confeti_jax.models.resnet import ResNetV1c
 
 # Backbone names accepted by DeepLabV2, mapped to ResNet depths.
@@ -42,10 +43,17 @@ class DeepLabV2(nn.Module):
     width: channel multiplier of the backbone, for miniature runs.
     aspp_dilations: dilation (= padding) of each parallel head convolution.
     dtype: compute dtype; parameters stay float32 and the logits are returned as float32.
-    remat: rematerialise backbone blocks in the backward pass (same outputs, less memory).
+    remat: backbone stages whose blocks are rematerialised in the backward pass (same
+      outputs, less memory): True, False or stage names (`resnet.remat_stages`).
     aux_classifier: ADVENT's multi-level head: a second summed-ASPP classifier on layer3
       ('aux_aspp_0'..'aux_aspp_3', in the x10 head group), its stride-8 logits returned
       as features['logits_aux']. Off by default (the CONFETI segmentor has none).
+    cam_head: CONFETI's CAM head ('conv_cam', 1x1 layer4 -> classes, no bias):
+      features['cam'] = ReLU(map), features['cam_scores'] = GAP of the pre-ReLU map.
+    proj_dim: > 0 adds CONFETI's projection head ('conv_proj', 1x1 layer4 -> proj_dim, no
+      bias): features['proj'], not normalised. Both heads use PyTorch's default conv
+      init (the reference's init_cfg is a no-op for them, confeti_spec.md §1) and sit in
+      the x10 head group; they are float32 outputs.
   """
 
   num_classes: int = 19
@@ -53,8 +61,10 @@ class DeepLabV2(nn.Module):
   width: float = 1.0
   aspp_dilations: tuple[int, ...] = (6, 12, 18, 24)
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool | str | tuple[str, ...] = False
   aux_classifier: bool = False
+  cam_head: bool = False
+  proj_dim: int = 0
 
   def __post_init__(self):
     # Validate at construction so a bad config fails before any tracing or compilation.
@@ -73,7 +83,17 @@ class DeepLabV2(nn.Module):
         remat=self.remat, name="backbone")(x, train=train)
     if self.aux_classifier:
       feats = {**feats, "logits_aux": self._summed_aspp(feats["layer3"], "aux_aspp")}
+    if self.cam_head:
+      cam = self._conv1x1(feats["layer4"], self.num_classes, "conv_cam")
+      feats = {**feats, "cam": nn.relu(cam), "cam_scores": jnp.mean(cam, axis=(1, 2))}
+    if self.proj_dim:
+      feats = {**feats, "proj": self._conv1x1(feats["layer4"], self.proj_dim, "conv_proj")}
     return self._summed_aspp(feats["layer4"], "aspp"), feats
+
+  def _conv1x1(self, x, features, name):
+    """A bias-free 1x1 convolution with PyTorch's default init, float32 output."""
+    return nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=heads.torch_kernel_init, name=name)(x).astype(jnp.float32)
 
   def _summed_aspp(self, x, prefix):
     """Four parallel dilated 3x3 convolutions to class logits, summed in float32."""

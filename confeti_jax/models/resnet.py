@@ -147,6 +147,34 @@ _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 _REMAT_BLOCKS = {k: nn.remat(v, static_argnums=(2,)) for k, v in _BLOCKS.items()}
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def remat_stages(remat) -> frozenset:
+  """The stages to rematerialise: bool (all / none), 'all', '', 'layer3,layer4' or a tuple.
+
+  Per stage because the memory is not spread evenly: with output stride 8 every block
+  of layer1..layer4 stores activations of the same order of size, so ResNet-101's layer3
+  (23 of its 33 blocks) holds most of it and is the one stage worth recomputing first.
+  The saving is the accelerator scheduler's to realise: XLA:CPU does not lower its peak
+  (scripts/benchmark.py --sweep='remat=none,layer3,all' measures it).
+  """
+  if isinstance(remat, str):
+    text = remat.strip().lower()
+    if text in ("", "false", "0", "none"):
+      return frozenset()
+    if text in ("true", "1", "all"):
+      return frozenset(STAGES)
+    remat = tuple(s.strip() for s in text.split(",") if s.strip())
+  elif isinstance(remat, (bool, int)) or remat is None:
+    return frozenset(STAGES) if remat else frozenset()
+  unknown = sorted(set(remat) - set(STAGES))
+  if unknown:
+    raise ValueError(f"model.remat names unknown stages {unknown}; use 'all', '' or a "
+                     f"comma-separated subset of {', '.join(STAGES)}.")
+  return frozenset(remat)
+
+
 class ResNetV1c(nn.Module):
   """OpenMMLab ResNet-V1c with dilated stages; returns every stage output.
 
@@ -157,7 +185,9 @@ class ResNetV1c(nn.Module):
     dilations: dilation of each stage.
     contract_dilation: the first block of a stage with dilation d > 1 uses d // 2.
     dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
-    remat: recompute each residual block in the backward pass to save activation memory.
+    remat: stages whose residual blocks are recomputed in the backward pass, trading
+      compute for activation memory: True (every stage), False, or stage names, e.g.
+      ('layer1', 'layer2') or the config string 'layer1,layer2' (`remat_stages`).
   """
 
   depth: int = 101
@@ -166,14 +196,14 @@ class ResNetV1c(nn.Module):
   dilations: tuple[int, ...] = (1, 1, 2, 4)
   contract_dilation: bool = True
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool | str | tuple[str, ...] = False
 
   @nn.compact
   def __call__(self, x, *, train: bool) -> dict:
     """NHWC image batch -> {'layer1': stride 4, ..., 'layer4': stride 8 with the defaults}."""
     kind, num_blocks = _check_depth(self.depth)
     ch = lambda c: scale_channels(c, self.width)
-    block_cls = (_REMAT_BLOCKS if self.remat else _BLOCKS)[kind]
+    remat = remat_stages(self.remat)
 
     x = x.astype(self.dtype)
     stem = ((ch(_STEM_CHANNELS // 2), 2), (ch(_STEM_CHANNELS // 2), 1), (ch(_STEM_CHANNELS), 1))
@@ -190,6 +220,7 @@ class ResNetV1c(nn.Module):
       features, out_features = ch(planes), ch(planes * _EXPANSION[kind])
       dilation = self.dilations[i]
       first_dilation = dilation // 2 if (self.contract_dilation and dilation > 1) else dilation
+      block_cls = (_REMAT_BLOCKS if f"layer{i + 1}" in remat else _BLOCKS)[kind]
       for j in range(blocks):
         stride = self.strides[i] if j == 0 else 1
         x = block_cls(
