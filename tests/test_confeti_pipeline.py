@@ -145,12 +145,15 @@ def test_joint_stage_single_device_replay_equals_sharded_run(two_stages):
     batch = {"source": next(src_iter), "target": next(tgt_iter)}
     state, _ = step(state, sharding.to_global(batch, mesh))
   single = jax.device_get(state)
-  # Adam moves a parameter whose gradient is ~0 by up to its lr in either direction for
-  # any reduction-order noise, so a few such elements may differ by up to the step's
-  # largest lr (heads: 10 x 5e-4 at step 1); everything else agrees to 1e-4.
-  for pick in (lambda s: s.seg.params, lambda s: s.gen.params, lambda s: s.disc.params,
-               lambda s: s.patch_mlp.params, lambda s: s.protos.protos):
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(pick(single))])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(pick(finals[1]))])
-    diff = np.abs(a - b)
-    assert np.mean(diff <= 1e-4 + 1e-4 * np.abs(b)) > 0.999 and diff.max() < 1.1e-2
+  # G's output differs in the last bits between 8 and 1 devices (other conv blocking),
+  # and Adam's first steps turn such noise into up to +-lr on parameters whose gradient
+  # is ~0. So compare each network's update over the two steps: a wrong reduction or
+  # batch mix-up changes it by O(1), this noise by well under 1%.
+  for name in ("seg", "gen", "disc", "patch_mlp", "protos"):
+    pick = lambda s, n=name: s.protos.protos if n == "protos" else getattr(s, n).params
+    flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(pick(s))])
+    start, a, b = flat(inits[1]), flat(single), flat(finals[1])
+    moved = np.linalg.norm(b - start)
+    assert moved > 0, name
+    assert np.linalg.norm(a - b) / moved < 0.02, (name, np.linalg.norm(a - b) / moved)
+    assert np.mean(np.abs(a - b) <= 1e-4 + 1e-4 * np.abs(b)) > 0.9, name
