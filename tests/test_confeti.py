@@ -18,6 +18,7 @@ import pytest
 from confeti_jax import augment, losses, methods, sharding, train
 from confeti_jax import prototypes as protos_lib
 from confeti_jax.data import pipeline
+from tests import trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -250,18 +251,8 @@ def e2e(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("toy_cache"))
   workdir = str(tmp_path_factory.mktemp("confeti_run"))
   config = tiny_confeti_config(cache, cam_mix_after=0, pcl_after=1, target_pcl="always")
-  captured = {}
-  create_state = train.create_state
-
-  def capturing(method, config, mesh):
-    state, abstract, shardings = create_state(method, config, mesh)
-    captured["init"] = jax.device_get(state)
-    return state, abstract, shardings
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, "create_state", capturing)
-    state = train.train_and_evaluate(config, workdir)
-  return config, workdir, captured["init"], jax.device_get(state)
+  init, state = trained.train_keeping_init(config, workdir)
+  return config, workdir, init, state
 
 
 def test_end_to_end_gates_and_terms(e2e):
