@@ -28,15 +28,27 @@ from confeti_jax.data import pipeline
 # compute settings are not among them (float32 parameters either way).
 _STRUCTURAL_KEYS = ("method", "model", "num_classes")
 _COMPUTE_ONLY_MODEL_KEYS = ("dtype", "remat")
+# Where a stage reads its predecessor's weights: derived from the workdir, so moving a
+# workdir must not make its own runs unresumable.
+_LOCATION_METHOD_KEYS = ("cut_from",)
 # Bookkeeping the loaders add to a batch (sources.SkipCorrupt, rcs): host-side only.
 _HOST_KEYS = ("skipped", "rcs_class")
 
 
 def _structural(config_json, key):
   value = config_json.get(key)
-  if key == "model" and isinstance(value, dict):
-    value = {k: v for k, v in value.items() if k not in _COMPUTE_ONLY_MODEL_KEYS}
+  ignored = {"model": _COMPUTE_ONLY_MODEL_KEYS, "method": _LOCATION_METHOD_KEYS}.get(key, ())
+  if isinstance(value, dict):
+    value = {k: v for k, v in value.items() if k not in ignored}
   return value
+
+
+def _leaf_diffs(previous, current, prefix):
+  """['key: saved A, now B', ...] over the dotted leaves where two config trees differ."""
+  if not (isinstance(previous, dict) and isinstance(current, dict)):
+    return [] if previous == current else [f"{prefix}: saved {previous!r}, now {current!r}"]
+  return [d for k in sorted(set(previous) | set(current), key=str)
+          for d in _leaf_diffs(previous.get(k), current.get(k), f"{prefix}.{k}")]
 
 
 def _check_or_write_config(config, workdir):
@@ -46,11 +58,10 @@ def _check_or_write_config(config, workdir):
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    diffs = [k for k in _STRUCTURAL_KEYS
-             if _structural(previous, k) != _structural(current, k)]
+    diffs = [d for k in _STRUCTURAL_KEYS
+             for d in _leaf_diffs(_structural(previous, k), _structural(current, k), k)]
     if diffs:
-      detail = "; ".join(f"{k}: checkpoint {previous.get(k)} vs config {current.get(k)}"
-                         for k in diffs)
+      detail = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
       raise ValueError(
           f"The workdir {workdir} holds a run of another configuration ({detail}). "
           "Use a new --workdir for this config, or pass the settings of the saved run.")

@@ -1,8 +1,6 @@
-"""Real-dataset readers on tiny folders written in each real layout; TFDS; bad data; configs.
-
-`write_gta5`, `write_cityscapes` and `write_synthia` render toy street scenes into the
-datasets' own layouts (GTA5 palette PNGs, Cityscapes labelIds, SYNTHIA 16-bit RGB
-labels); test_rcs.py and the miniature runs reuse them.
+"""Real-dataset readers on tiny folders written in each real layout (confeti_jax/data/
+layouts.py: GTA5 palette PNGs, Cityscapes labelIds, SYNTHIA 16-bit RGB labels); TFDS; bad
+data; the real configs in miniature.
 """
 
 import logging
@@ -15,69 +13,9 @@ import pytest
 from cityscapesscripts.helpers import labels as cs_labels
 from PIL import Image
 
-from confeti_jax.data import labels, pipeline, sources, tfds_builders, toy
-
-# SYNTHIA id of each Cityscapes labelId the toy renderer draws (through the trainId).
-_CS_TO_SYNTHIA = np.zeros(256, np.uint16)
-for _train_id, _cs_id in enumerate(labels.CITYSCAPES_TRAIN_LABEL_IDS):
-  _CS_TO_SYNTHIA[_cs_id] = labels.SYNTHIA_TRAIN_LABEL_IDS[_train_id]
-
-
-def _save(array, path, palette=None):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  im = Image.fromarray(array, mode="P" if palette is not None else None)
-  if palette is not None:
-    im.putpalette(palette.ravel().tolist())
-  im.save(path)
-
-
-def write_png16(path, array):
-  """A 16-bit RGB PNG (pypng), the SYNTHIA GT/LABELS format."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  h, w, _ = array.shape
-  with open(path, "wb") as f:
-    png.Writer(w, h, greyscale=False, bitdepth=16).write(f, array.reshape(h, -1).tolist())
-
-
-def write_gta5(root, n, size=(96, 53), seed=0):
-  """images/NNNNN.png + labels/NNNNN.png (palette index = Cityscapes labelId)."""
-  for i in range(n):
-    image, label = toy.render_sample(seed, 0, i, "game", size)
-    _save(image, os.path.join(root, "images", f"{i:05d}.png"))
-    _save(label, os.path.join(root, "labels", f"{i:05d}.png"), labels.LABEL_ID_PALETTE)
-  return str(root)
-
-
-def write_cityscapes(root, n_train, n_val, size=(96, 48), seed=0, city="aachen"):
-  """leftImg8bit/{train,val}/<city>/*_leftImg8bit.png + gtFine/.../*_gtFine_labelIds.png."""
-  for split, count, stream in (("train", n_train, 2), ("val", n_val, 3)):
-    for i in range(count):
-      image, label = toy.render_sample(seed, stream, i, "camera", size)
-      stem = f"{city}_{stream:06d}_{i:06d}"
-      _save(image, os.path.join(root, "leftImg8bit", split, city, f"{stem}_leftImg8bit.png"))
-      _save(label, os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"))
-  return str(root)
-
-
-def write_synthia(root, n, size=(96, 57), seed=0):
-  """RGB/NNNNNNN.png + GT/LABELS/NNNNNNN.png: 16-bit RGB, class in R, instance id in G.
-
-  Class ids are the toy scene's classes in SYNTHIA numbering plus a lanemarking (22)
-  stripe; the G channel holds instance ids above 255 so a reader that takes the
-  wrong channel or byte fails.
-  """
-  for i in range(n):
-    image, label = toy.render_sample(seed, 5, i, "game", size)
-    gt = np.zeros((*label.shape, 3), np.uint16)
-    gt[..., 0] = _CS_TO_SYNTHIA[label]
-    gt[-3:, ::4, 0] = 22
-    gt[..., 1] = 300 + np.arange(label.size).reshape(label.shape) % 700
-    _save(image, os.path.join(root, "RGB", f"{i:07d}.png"))
-    write_png16(os.path.join(root, "GT", "LABELS", f"{i:07d}.png"), gt)
-  return str(root)
-
-
-# ----------------------------------------------------------------------------------------
+from confeti_jax.data import labels, pipeline, sources, tfds_builders
+from confeti_jax.data.layouts import save_png as _save
+from confeti_jax.data.layouts import write_cityscapes, write_gta5, write_png16, write_synthia
 
 
 def test_cityscapes_map_matches_cityscapesscripts():

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from confeti_jax.data import labels, pipeline, rcs, sources
-from tests.test_datasets_real import write_cityscapes, write_gta5, write_synthia
+from confeti_jax.data.layouts import write_cityscapes, write_gta5, write_synthia
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))

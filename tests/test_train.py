@@ -201,3 +201,18 @@ def test_sigterm_saves_and_exits_cleanly(toy_cache, tmp_path):
   restored = ocp.PyTreeCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(last_logged), "state"))
   assert int(restored["step"]) == last_logged
+
+
+def test_resume_refuses_another_method_naming_the_key_but_not_a_moved_workdir(tmp_path):
+  """A saved run of another configuration is refused with the differing key; a stage
+  whose predecessor's location moved with the workdir (method.cut_from) resumes."""
+  config = toy.get_config("method=confeti")
+  config.method.cut_from = "/old/place/stage0"
+  train._check_or_write_config(config, str(tmp_path))
+  config.method.cut_from = "/new/place/stage0"
+  config.model.dtype = "bfloat16"
+  train._check_or_write_config(config, str(tmp_path))  # compute and location only: accepted
+  config.method.proto.dim = 64
+  with pytest.raises(ValueError, match=r"method\.proto\.dim: saved 128, now 64") as info:
+    train._check_or_write_config(config, str(tmp_path))
+  assert "cut_from" not in str(info.value) and "top_n" not in str(info.value)
