@@ -9,11 +9,16 @@ with `@register("name")`. Mechanical renaming rules (confeti_jax/models/resnet.p
 
   stem.0/.3/.6 (mmseg) or conv1.0/.3/.6 (timm)   -> backbone/stem_conv1..3
   stem.1/.4/.7 (mmseg) or conv1.1/.4, bn1 (timm) -> backbone/stem_bn1..3
+  conv1 / bn1 (torchvision, timm resnetNN)       -> backbone/stem_conv1 / stem_bn1, the
+                                                    7x7 stem (config model.stem=7x7)
   layerI.J.convK / .bnK / .downsample.0 / .1     -> backbone/layerI_J/convK / bnK /
                                                     downsample_conv / downsample_bn
   decode_head.aspp_modules.K.conv                -> aspp_K
   conv weight (O, I, kh, kw) -> kernel (kh, kw, I, O); BN weight/bias -> scale/bias,
   running_mean/var -> batch_stats mean/var; num_batches_tracked and fc.* are dropped.
+
+The AdaIN VGG-19 encoder takes pytorch-AdaIN's vgg_normalised.pth or torchvision's vgg19
+(features.N; its mean/std normalisation becomes conv0, and it needs padding="zeros").
 
 Any shape or key mismatch is an error listing the first missing / unexpected keys.
 """
@@ -139,10 +144,14 @@ def _load_cached(path, size, mtime_ns):
 
 _BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-_MMSEG_STEM = {"0": "stem_conv1", "1": "stem_bn1", "3": "stem_conv2", "4": "stem_bn2",
-               "6": "stem_conv3", "7": "stem_bn3"}
-_TIMM_STEM = {"conv1.0": "stem_conv1", "conv1.1": "stem_bn1", "conv1.3": "stem_conv2",
-              "conv1.4": "stem_bn2", "conv1.6": "stem_conv3", "bn1": "stem_bn3"}
+# Stem module names per source layout -> flax names ('deep' stems: 3 convs; torchvision: 1).
+_STEM_MODULES = {
+    "mmseg": {"stem.0": "stem_conv1", "stem.1": "stem_bn1", "stem.3": "stem_conv2",
+              "stem.4": "stem_bn2", "stem.6": "stem_conv3", "stem.7": "stem_bn3"},
+    "timm": {"conv1.0": "stem_conv1", "conv1.1": "stem_bn1", "conv1.3": "stem_conv2",
+             "conv1.4": "stem_bn2", "conv1.6": "stem_conv3", "bn1": "stem_bn3"},
+    "torchvision": {"conv1": "stem_conv1", "bn1": "stem_bn1"},
+}
 _LAYER = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
 _IGNORED = re.compile(r"(num_batches_tracked$|^(head\.)?fc\.)")  # BN counters, classifier
 
@@ -165,12 +174,8 @@ def _resnet_path(key, stem):
     part = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(part, part)
     return (f"layer{i}_{j}", part), leaf
   module, _, leaf = key.rpartition(".")
-  if stem == "mmseg" and module.startswith("stem."):
-    name = _MMSEG_STEM.get(module[len("stem."):])
-    return ((name,), leaf) if name else None
-  if stem == "timm" and module in _TIMM_STEM:
-    return (_TIMM_STEM[module],), leaf
-  return None
+  name = _STEM_MODULES[stem].get(module)
+  return ((name,), leaf) if name else None
 
 
 def _backbone(state_dict, stem, prefix=""):
@@ -215,6 +220,16 @@ def convert_timm_resnet(state_dict):
   return _finish(*_backbone(state_dict, "timm"), "timm ResNet-C")
 
 
+@register("torchvision_resnet")
+def convert_torchvision_resnet(state_dict):
+  """torchvision / timm `resnet{50,101}` (single 7x7 stem conv1, bn1; fc.* dropped).
+
+  Loads into ResNetV1c(stem="7x7") (config model.stem=7x7); the blocks are named and
+  strided as in ResNet-V1c.
+  """
+  return _finish(*_backbone(state_dict, "torchvision"), "torchvision ResNet")
+
+
 _ASPP = re.compile(r"decode_head\.aspp_modules\.(\d+)\.(?:conv|0)\.(weight|bias)$")
 
 
@@ -246,6 +261,19 @@ def convert_vgg19_normalised(state_dict):
   """pytorch-AdaIN `vgg_normalised.pth` -> the AdaIN VGGEncoder (models/adain.py)."""
   from confeti_jax.models import adain  # flax-side module, imported on use
   return {"params": adain.convert_vgg_normalised(state_dict)}
+
+
+@register("vgg19_torchvision")
+def convert_vgg19_torchvision(state_dict):
+  """torchvision `vgg19` (features.N; classifier.* dropped) -> the AdaIN VGGEncoder.
+
+  conv0 is synthesised as torchvision's ImageNet mean/std normalisation of RGB in [0, 1].
+  torchvision pads with zeros and pools with floor: a torchvision VGG must run with
+  VGGEncoder(padding="zeros") (config method.style.vgg_padding=zeros) to reproduce its
+  features.
+  """
+  from confeti_jax.models import adain
+  return {"params": adain.convert_vgg_torchvision(state_dict)}
 
 
 @register("cut_generator")
@@ -301,10 +329,9 @@ def detect_format(state_dict):
   if has(r"^(module\.)?mlp_\d+\.0\.weight$"):
     return "cut_patch_mlp"
   if has(r"^conv1\.weight$"):
-    raise WeightsError(
-        "This is a ResNet with a single 7x7 stem convolution (torchvision / timm 'resnetNN'). "
-        "The reference backbone is ResNet-V1c with a deep 3x3 stem, which those weights do "
-        "not fit: use open-mmlab resnet101_v1c-e67eebb6.pth or timm resnet101c.")
+    return "torchvision_resnet"
+  if has(r"^(module\.)?features\.\d+\.weight$"):
+    return "vgg19_torchvision"
   raise WeightsError(f"Unknown weights layout (first keys {keys[:_SHOW]}); known formats: "
                      f"{sorted(CONVERTERS)}.")
 
@@ -342,11 +369,20 @@ def _torch_name(path):
   return ".".join(out + [names.get(leaf, leaf)]) + f" ({collection}/{'/'.join(path[1:])})"
 
 
+def _stem_kind(paths):
+  """'deep' or '7x7': the ResNet stem among flat variable paths (None: no backbone)."""
+  modules = {p[2] for p in paths if len(p) > 3 and p[1] == "backbone"}
+  if "stem_conv2" in modules:
+    return "deep"
+  return "7x7" if "stem_conv1" in modules else None
+
+
 def merge(variables, converted, *, select=lambda name: True, source="weights"):
   """`variables` with every leaf whose top-level module satisfies `select` replaced.
 
   Every selected model leaf must be provided with the same shape and nothing
-  else may be provided; otherwise a WeightsError lists the first differences. Leaves
+  else may be provided; otherwise a WeightsError lists the first differences (first the
+  model.stem to set when the file's ResNet stem is the other kind). Leaves
   become float32 numpy arrays (or keep the model's dtype), ready for jnp.asarray.
   """
   flat_model = traverse_util.flatten_dict(variables)
@@ -364,6 +400,10 @@ def merge(variables, converted, *, select=lambda name: True, source="weights"):
                          ("shape mismatch", wrong)):
       if items:
         parts.append(f"{len(items)} {title}: {items[:_SHOW]}")
+    file_stem, model_stem = _stem_kind(flat_new), _stem_kind(wanted)
+    if file_stem and model_stem and file_stem != model_stem:
+      parts.insert(0, f"the file has a {file_stem} ResNet stem and the model a {model_stem} "
+                      f"one: set --config.model.stem={file_stem}")
     raise WeightsError(f"{source} does not fit the model ({'; '.join(parts)}).")
   out = dict(flat_model)
   for path in wanted:
@@ -377,8 +417,10 @@ def load_into(variables, path, *, what="backbone", fmt="auto"):
   Errors name the path, the key layout that was expected and the conversion command.
   """
   layouts = {
-      "backbone": ("an ImageNet ResNet-V1c backbone (open-mmlab resnet101_v1c keys stem.N, "
-                   "layerI.J.convK; or timm resnet101c)", lambda m: m == "backbone"),
+      "backbone": ("an ImageNet ResNet backbone: open-mmlab resnet101_v1c (keys stem.N, "
+                   "layerI.J.convK) or timm resnet101c with model.stem=deep, torchvision / "
+                   "timm resnet101 (conv1, bn1, layerI.J...) with model.stem=7x7",
+                   lambda m: m == "backbone"),
       "segmentor": ("a whole mmseg DeepLabV2 (backbone.*, decode_head.aspp_modules.K.conv.*, "
                     "optionally under 'model.' as in CONFETI/DAFormer checkpoints)",
                     lambda m: m == "backbone" or m.startswith("aspp_")),
@@ -393,5 +435,5 @@ def load_into(variables, path, *, what="backbone", fmt="auto"):
   except WeightsError as e:
     raise WeightsError(
         f"Cannot load {path!r} as {what}: {e} Expected {expected}, with the model's "
-        f"backbone/width/num_classes. Convert a PyTorch .pth with `{CONVERT_COMMAND}`."
+        f"backbone/stem/width/num_classes. Convert a PyTorch .pth with `{CONVERT_COMMAND}`."
     ) from e

@@ -35,6 +35,7 @@ def base_config():
   c.model = ml_collections.ConfigDict(dict(
       backbone="resnet101", width=1.0, dtype="float32", aspp_dilations=(6, 12, 18, 24),
       remat="",  # backbone stages recomputed in backward: '', 'all' or e.g. 'layer3,layer4'
+      stem="deep",  # 'deep' (ResNet-V1c, reference) | '7x7' (torchvision/timm resnetNN weights)
   ))
   # Weights (confeti_jax/weights.py; convert .pth once with scripts/convert_weights.py):
   # `pretrained` = ImageNet backbone (.npz/.safetensors; the reference loads
@@ -191,6 +192,7 @@ def _cfcontra():
           vgg_weights="",            # .npz of vgg_normalised.pth (stage 'style')
           random_encoder=False,      # toy only: a random VGG instead of the weights
           vgg_width=1.0,
+          vgg_padding="reflect",     # 'reflect' (vgg_normalised) | 'zeros' (torchvision VGG-19)
           content_weight=1.0, style_weight=10.0, alpha=1.0,
           lr=1e-4, lr_decay=5e-5,    # Adam, lr_t = lr / (1 + lr_decay * t)
       ),

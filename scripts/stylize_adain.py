@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _WORKDIR = flags.DEFINE_string("adain_workdir", None, "Workdir of an AdaIN stage run.")
 _VGG = flags.DEFINE_string("vgg", None, ".npz of vgg_normalised.pth (with --decoder).")
 _DECODER = flags.DEFINE_string("decoder", None, ".npz of a pytorch-AdaIN decoder.pth.")
+_VGG_PADDING = flags.DEFINE_enum("vgg_padding", "reflect", ["reflect", "zeros"],
+                                 "Encoder layout: 'zeros' for torchvision VGG-19 weights.")
 _CONTENT = flags.DEFINE_string("content_root", None, "GTA5-layout folder (images/, labels/).")
 _STYLES = flags.DEFINE_string("style_dir", None, "Folder searched for .png/.jpg style images.")
 _OUT = flags.DEFINE_string("out_root", None, "Output folder (GTA5 layout).")
@@ -44,7 +46,7 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "Stylise only the first N images (0 = 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def load_networks(adain_workdir=None, vgg=None, decoder=None):
+def load_networks(adain_workdir=None, vgg=None, decoder=None, vgg_padding="reflect"):
   """(encoder module, decoder module, encoder params, decoder params)."""
   from confeti_jax import checkpoint, weights
   from confeti_jax.models import adain
@@ -60,12 +62,13 @@ def load_networks(adain_workdir=None, vgg=None, decoder=None):
     saved = ocp.PyTreeCheckpointer().restore(os.path.join(directory, str(step), "state"))
     enc_params, dec_params = saved["imnet"], saved["gen"]["params"]
   elif vgg and decoder:
-    enc_params = adain.convert_vgg_normalised(weights.load_state_dict(vgg))
+    enc_params = adain.convert_vgg(weights.load_state_dict(vgg), vgg_padding)
     dec_params = adain.convert_decoder(weights.load_state_dict(decoder))
   else:
     raise ValueError("Pass --adain_workdir, or both --vgg and --decoder.")
   width = enc_params["conv1_1"]["kernel"].shape[-1] / 64.0
-  return adain.VGGEncoder(width=width), adain.Decoder(width=width), enc_params, dec_params
+  return (adain.VGGEncoder(width=width, padding=vgg_padding), adain.Decoder(width=width),
+          enc_params, dec_params)
 
 
 def find_images(folder):
@@ -127,7 +130,7 @@ def main(argv):
   for flag in (_CONTENT, _STYLES, _OUT):
     if not flag.value:
       raise app.UsageError(f"--{flag.name} is required.")
-  networks = load_networks(_WORKDIR.value, _VGG.value, _DECODER.value)
+  networks = load_networks(_WORKDIR.value, _VGG.value, _DECODER.value, _VGG_PADDING.value)
   n = stylize_folder(networks, _CONTENT.value, _STYLES.value, _OUT.value,
                      num_styles=_NUM_STYLES.value, alpha=_ALPHA.value,
                      size=tuple(int(s) for s in _SIZE.value), seed=_SEED.value,

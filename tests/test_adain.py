@@ -49,6 +49,20 @@ def torch_vgg(width=1.0, extra=True):
   return nn.Sequential(*layers)
 
 
+def torchvision_vgg19_features(width=1.0):
+  """torchvision vgg19().features up to relu4_1 (index 20): zero padding, floor pools."""
+  c = lambda n: _ch(n, width)
+  cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512]
+  layers, channels = [], 3
+  for v in cfg:
+    if v == "M":
+      layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    else:
+      layers += [nn.Conv2d(channels, c(v), kernel_size=3, padding=1), nn.ReLU()]
+      channels = c(v)
+  return nn.Sequential(*layers)
+
+
 def torch_decoder(width=1.0):
   c = lambda n: _ch(n, width)
   pad, relu = lambda: nn.ReflectionPad2d((1, 1, 1, 1)), nn.ReLU
@@ -141,6 +155,44 @@ def test_vgg_encoder_parity_with_torch():
   with pytest.raises(weights.WeightsError, match="29.weight"):
     adain.convert_vgg_normalised({k: v for k, v in _numpy_state(vgg).items()
                                   if not k.startswith("29.")})
+
+
+def test_torchvision_vgg19_parity_with_torch():
+  """torchvision VGG-19 weights (auto-detected): conv0 is its mean/std normalisation,
+  padding='zeros' its zero padding and floor pools (odd sizes drop a row / column)."""
+  torch.manual_seed(1)
+  features = torchvision_vgg19_features()
+  with torch.no_grad():
+    for m in features:  # He-normal: keeps the scale through depth, as trained weights do
+      if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.normal_(m.bias, std=0.1)
+  state = {f"features.{k}": v for k, v in _numpy_state(features).items()}
+  state["classifier.0.weight"] = np.zeros((4, 8), np.float32)  # dropped
+  assert weights.detect_format(state) == "vgg19_torchvision"
+  params = weights.convert(state)["params"]
+  x = np.random.default_rng(4).random((2, 37, 45, 3)).astype(np.float32)  # RGB in [0, 1]
+  got = adain.VGGEncoder(padding="zeros").apply({"params": params}, jnp.asarray(x))
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  with torch.no_grad():
+    h = _nchw(((x - mean) / std).astype(np.float32))
+    expected = []
+    for lo, hi in ((0, 2), (2, 7), (7, 12), (12, 21)):  # relu1_1 .. relu4_1
+      h = features[lo:hi](h)
+      expected.append(_nhwc(h))
+  assert got["relu4_1"].shape == (2, 4, 5, 512)
+  for tap, ref in zip(("relu1_1", "relu2_1", "relu3_1", "relu4_1"), expected):
+    assert got[tap].shape == ref.shape, tap
+    assert _rel(got[tap], ref) <= 1e-4, tap
+  with pytest.raises(ValueError, match="reflect"):
+    adain.VGGEncoder(padding="replicate")
+  with pytest.raises(weights.WeightsError, match="vgg19_bn"):
+    weights.convert(dict(state, **{"features.1.running_mean": np.zeros(64)}))
+  # The methods' entry point picks the layout and refuses the reflect-padded encoder.
+  chosen = adain.convert_vgg(state, "zeros")
+  jax.tree.map(np.testing.assert_array_equal, chosen, params)
+  with pytest.raises(weights.WeightsError, match="vgg_padding=zeros"):
+    adain.convert_vgg(state, "reflect")
 
 
 def test_decoder_parity_and_losses_match_torch(small_nets):

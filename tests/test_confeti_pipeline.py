@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from confeti_jax import augment, methods, sharding, stages, style, train
+from confeti_jax import augment, checkpoint, methods, sharding, stages, style, train
 from confeti_jax.data import pipeline
 from confeti_jax.methods import confeti
 
@@ -85,6 +85,7 @@ def two_stages(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("toy_cache"))
   workdir = str(tmp_path_factory.mktemp("confeti_pipeline"))
   config = tiny_config(cache, stages="1,2")
+  config.train.checkpoint_every_steps, config.train.keep_checkpoints = 1, 3  # keep step 1
   inits, finals = {}, {}
   create_state, train_and_evaluate = train.create_state, train.train_and_evaluate
 
@@ -141,12 +142,13 @@ def test_joint_stage_single_device_replay_equals_sharded_run(two_stages):
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), inits[1])
   step = train.make_train_step(methods.build(stage1), stage1, mesh, shardings)
   state = jax.device_put(inits[1], shardings)
-  replayed = []
+  replayed, states = [], []
   for _ in range(2):
     batch = {"source": next(src_iter), "target": next(tgt_iter)}
     state, metrics = step(state, sharding.to_global(batch, mesh))
     replayed.append(jax.device_get(metrics))
-  single = jax.device_get(state)
+    states.append(jax.device_get(state))
+  single = states[-1]
   # The first step starts from the same state: every loss agrees closely.
   with open(os.path.join(workdir, "stage1", "metrics.jsonl")) as f:
     logged = json.loads(f.readline())
@@ -158,8 +160,11 @@ def test_joint_stage_single_device_replay_equals_sharded_run(two_stages):
   # Adam's first steps turn last-bit differences (G's output, other conv blocking on 8
   # devices) into +-lr on parameters whose gradient is ~0: the measured segmentor update
   # differs by 5.4% in relative L2; a wrong reduction or batch mix-up changes it by O(1).
-  # OPEN: CUT's own updates (G, D, F) differ by ~22% between the two meshes although
-  # every step-0 loss agrees to 1e-3; not yet explained, so they are not asserted here.
+  # CUT's parameters (G above all) differ more after two steps, for the same Adam
+  # reason and because G's gradient carries the segmentor's loss through the stylised
+  # source, whose second step hinges on discrete picks (top-32 CAM pixels per class,
+  # argmax pseudo-labels) that last-bit differences can flip. Gradients themselves are
+  # compared below, after one step.
   for name in ("seg", "protos"):
     pick = lambda s, n=name: s.protos.protos if n == "protos" else getattr(s, n).params
     flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(pick(s))])
@@ -167,3 +172,28 @@ def test_joint_stage_single_device_replay_equals_sharded_run(two_stages):
     moved = np.linalg.norm(b - start)
     assert moved > 0, name
     assert np.linalg.norm(a - b) / moved < 0.1, (name, np.linalg.norm(a - b) / moved)
+  # After one step every optimiser's first moment is (1 - b1) x its gradient: G (its
+  # GAN + NCE + L_SC gradient and the segmentation losses' through the stylised source),
+  # D, the patch MLPs and the segmentor get the same gradients on 1 and on 8 devices.
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "stage1", "checkpoints"))
+  try:
+    run_one = jax.device_get(ckpt.restore(1, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+        inits[1])))
+  finally:
+    ckpt.close()
+  differences = {}
+  for name in ("gen", "disc", "patch_mlp", "seg"):
+    a, b = _first_moments(getattr(states[0], name)), _first_moments(getattr(run_one, name))
+    assert np.linalg.norm(b) > 0, name
+    differences[name] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  # Measured: G 1.4e-3, segmentor 1.7e-3 (float32 sums over other conv blockings), D
+  # 7e-7, F 1e-7 in relative L2; a wrong reduction or batch mix-up is O(1).
+  assert max(differences.values()) < 5e-3, differences
+
+
+def _first_moments(group):
+  """Every Adam first moment of an OptGroup's optimiser state, flattened."""
+  found = [t.mu for t in jax.tree.leaves(group.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+           if hasattr(t, "mu")]
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(found)])

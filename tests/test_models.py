@@ -17,7 +17,7 @@ from flax import traverse_util
 from torch import nn as tnn
 
 from confeti_jax.models import DeepLabV2, build_segmentor, parse_dtype, stage_channels
-from confeti_jax.models.resnet import ARCH_SETTINGS, scale_channels
+from confeti_jax.models.resnet import ARCH_SETTINGS, ResNetV1c, scale_channels
 
 torch.set_num_threads(2)
 
@@ -316,6 +316,28 @@ def test_remat_gives_same_outputs_and_gradients():
   (l1, aux1), g1 = loss_fn(remat)(variables["params"])
   _close(l1, l0, 1e-6)
   jax.tree.map(lambda a, b: _close(a, b, 1e-5), (aux1, g1), (aux0, g0))
+
+
+def test_7x7_stem_gives_the_deep_stems_stage_shapes():
+  """torchvision's single 7x7 stem: same strides and widths, one conv + BN in the stem."""
+  x = jax.ShapeDtypeStruct((2, 65, 97, 3), jnp.float32)
+  shapes = {}
+  for stem in ("deep", "7x7"):
+    model = ResNetV1c(depth=50, width=0.25, stem=stem)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    shapes[stem] = {k: v.shape for k, v in feats.items()}
+    stems = sorted(k for k in variables["params"] if k.startswith("stem_"))
+    assert stems == (["stem_bn1", "stem_conv1"] if stem == "7x7" else
+                     ["stem_bn1", "stem_bn2", "stem_bn3", "stem_conv1", "stem_conv2",
+                      "stem_conv3"])
+  assert shapes["7x7"] == shapes["deep"]
+  assert shapes["7x7"]["layer4"] == (2, 9, 13, 512)
+  assert variables["params"]["stem_conv1"]["kernel"].shape == (7, 7, 3, 16)
+  with pytest.raises(ValueError, match=r"'deep', '7x7'"):
+    ResNetV1c(stem="5x5")
+  with pytest.raises(ValueError, match="model.stem"):
+    DeepLabV2(stem="caffe")
 
 
 def test_bad_names_raise():

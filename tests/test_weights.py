@@ -16,6 +16,7 @@ from torch import nn as tnn
 
 from confeti_jax import weights
 from confeti_jax.models import DeepLabV2, ResNetV1c, stage_channels
+from confeti_jax.models.resnet import scale_channels
 from tests.test_models import TorchResNetV1c, _tconv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,27 @@ class TorchSegmentor(tnn.Module):
   def forward(self, x):
     feats = self.backbone(x)
     return sum(m(feats[3]) for m in self.decode_head.aspp_modules)
+
+
+class TorchVisionResNet(TorchResNetV1c):
+  """torchvision's key names and stem (conv1 7x7 stride 2 + bn1 + ReLU, max-pool, fc),
+  on the dilated stages of ResNetV1c (torchvision's replace_stride_with_dilation)."""
+
+  def __init__(self, depth, width, num_classes=10):
+    super().__init__(depth, width)
+    del self.stem
+    channels = scale_channels(64, width)
+    self.conv1 = tnn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False)
+    self.bn1 = tnn.BatchNorm2d(channels)
+    self.fc = tnn.Linear(stage_channels(depth, width)[3], num_classes)
+
+  def forward(self, x):
+    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+    outs = []
+    for i in range(4):
+      x = getattr(self, f"layer{i + 1}")(x)
+      outs.append(x)
+    return outs
 
 
 def _randomize(module, seed):
@@ -117,6 +139,41 @@ def test_backbone_parity_with_torch_through_every_file_format(tmp_path):
       assert err <= TOL, (name, i, err)
 
 
+def test_torchvision_resnet_parity_through_every_file_format(tmp_path):
+  """torchvision / timm resnetNN keys (7x7 stem) into ResNetV1c(stem='7x7')."""
+  tmodel = _randomize(TorchVisionResNet(50, 0.25), seed=7)
+  sd = _numpy_sd(tmodel)
+  assert weights.detect_format(sd) == "torchvision_resnet"
+  np.savez(tmp_path / "tv.npz", **sd)
+  torch.save(tmodel.state_dict(), tmp_path / "tv.pth")
+  write_safetensors(tmp_path / "tv.safetensors",
+                    {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
+
+  model = ResNetV1c(depth=50, width=0.25, stem="7x7")
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  x, xt = _image(seed=4)
+  with torch.no_grad():
+    want = [w.numpy().transpose(0, 2, 3, 1) for w in tmodel(xt)]
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(x), train=False))
+  template = {c: {"backbone": shapes[c]} for c in ("params", "batch_stats")}
+  for name in ("tv.npz", "tv.pth", "tv.safetensors"):
+    variables = weights.load_into(template, tmp_path / name, what="backbone")
+    inner = {c: variables[c]["backbone"] for c in variables}
+    got = apply(inner, jnp.asarray(x))
+    for i in range(4):
+      err = _rel_err(got[f"layer{i + 1}"], want[i])
+      assert err <= TOL, (name, i, err)
+
+  # Each stem's weights into the other stem's model: the error names the config fix.
+  deep = _template(DeepLabV2(backbone="resnet50", width=0.25))
+  with pytest.raises(weights.WeightsError, match=r"(?s)tv\.npz.*model\.stem=7x7"):
+    weights.load_into(deep, tmp_path / "tv.npz")
+  np.savez(tmp_path / "v1c.npz", **_numpy_sd(TorchResNetV1c(50, 0.25)))
+  seven = _template(DeepLabV2(backbone="resnet50", width=0.25, stem="7x7"))
+  with pytest.raises(weights.WeightsError, match=r"model\.stem=deep"):
+    weights.load_into(seven, tmp_path / "v1c.npz")
+
+
 def test_released_segmentor_parity_with_torch(tmp_path):
   """A CONFETI-style checkpoint: student under 'model.', teacher and aux heads beside it."""
   tmodel = _randomize(TorchSegmentor(50, 0.25, 19), seed=1)
@@ -175,8 +232,7 @@ def test_mismatches_and_unknown_layouts_are_clear_errors(tmp_path):
     weights.load_into(same, tmp_path / "extra.npz")
   with pytest.raises(weights.WeightsError, match=r"do not belong.*\['head\.proj\.weight'\]"):
     weights.convert(dict(sd, **{"head.proj.weight": np.zeros(1)}))
-  with pytest.raises(weights.WeightsError, match="7x7"):
-    weights.detect_format({"conv1.weight": np.zeros((64, 3, 7, 7)), "bn1.weight": 0})
+  assert weights.detect_format({"conv1.weight": 0, "bn1.weight": 0}) == "torchvision_resnet"
   with pytest.raises(weights.WeightsError, match="average-pool"):
     weights.convert({"conv1.0.weight": 0, "layer1.0.downsample.2.weight": 0}, "timm_resnet_c")
   with pytest.raises(weights.WeightsError, match=r"nowhere\.npz.*convert_weights"):

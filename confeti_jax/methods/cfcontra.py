@@ -227,7 +227,8 @@ class AdaINTraining:
     s = config.method.style
     self.num_classes = int(config.num_classes)
     self.model_name = "cfcontra/adain_decoder"
-    self.encoder = adain.VGGEncoder(width=float(s.vgg_width))
+    self.encoder = adain.VGGEncoder(width=float(s.vgg_width),
+                                    padding=str(s.get("vgg_padding", "reflect")))
     self.decoder = adain.Decoder(width=float(s.vgg_width))
     self.content_weight, self.style_weight = float(s.content_weight), float(s.style_weight)
     self.alpha = float(s.alpha)
@@ -242,7 +243,7 @@ class AdaINTraining:
   def encoder_params(self, key, x):
     """The imported VGG weights (read when the state is built), or a random draw (toy)."""
     if self.vgg_weights:
-      return adain.convert_vgg_normalised(weights.load_state_dict(self.vgg_weights))
+      return adain.convert_vgg(weights.load_state_dict(self.vgg_weights), self.encoder.padding)
     if not self.random_encoder:
       raise ValueError(
           "The AdaIN stage needs the VGG-19 encoder weights: convert vgg_normalised.pth with "

@@ -87,7 +87,8 @@ class DACS(base.SegmentorMethod):
     # 'backbone', so the student's initial backbone variables apply to it unchanged.
     self.imnet_backbone = models.ResNetV1c(
         depth=deeplabv2.backbone_depth(config.model.backbone),
-        width=float(config.model.width), dtype=models.parse_dtype(config.model.dtype))
+        width=float(config.model.width), dtype=models.parse_dtype(config.model.dtype),
+        stem=config.model.get("stem", "deep"))
 
   # -- state ---------------------------------------------------------------------
   def init_state(self, key):

@@ -21,7 +21,7 @@ def parse_dtype(name: str):
 
 
 def build_segmentor(model_cfg, num_classes: int, **heads) -> DeepLabV2:
-  """DeepLabV2 from the `config.model` sub-dict (backbone, width, dtype, aspp_dilations).
+  """DeepLabV2 from the `config.model` sub-dict (backbone, width, dtype, aspp_dilations, stem).
 
   `heads` are the method's auxiliary heads (e.g. cam_head=True, proj_dim=512).
   """
@@ -33,4 +33,5 @@ def build_segmentor(model_cfg, num_classes: int, **heads) -> DeepLabV2:
       aspp_dilations=tuple(int(d) for d in model_cfg.aspp_dilations),
       dtype=parse_dtype(model_cfg.dtype),
       remat=model_cfg.get("remat", False),
+      stem=model_cfg.get("stem", "deep"),  # configs saved before the key existed lack it
   )

@@ -3,7 +3,9 @@
 * `VGGEncoder`: the "normalised" VGG-19 up to relu4_1 (the first 31 modules of
   `vgg_normalised.pth`): a 1x1 3->3 convolution that folds in the Caffe
   preprocessing (inputs are RGB in [0, 1]), then reflect-padded 3x3 convolutions with
-  ReLU and 2x2 max-pooling with ceil_mode. Frozen; its weights are imported.
+  ReLU and 2x2 max-pooling with ceil_mode. Frozen; its weights are imported, either
+  `vgg_normalised.pth` or torchvision's VGG-19 (`convert_vgg_torchvision`: conv0 becomes
+  its ImageNet mean/std normalisation; run with padding="zeros", which also floors pools).
 * `Decoder`: the mirror up to relu4_1: reflect-padded 3x3 convolutions, ReLU after all
   but the last, nearest x2 upsampling, no normalisation.
 * `adain`: (c - mu_c) / sigma_c * sigma_s + mu_s per sample and channel, sigma =
@@ -41,6 +43,13 @@ _DECODER = (("conv4_1", 256), "up", ("conv3_4", 256), ("conv3_3", 256), ("conv3_
 VGG_TORCH_KEYS = {"0": "conv0", "2": "conv1_1", "5": "conv1_2", "9": "conv2_1",
                   "12": "conv2_2", "16": "conv3_1", "19": "conv3_2", "22": "conv3_3",
                   "25": "conv3_4", "29": "conv4_1"}
+# torchvision vgg19 `features.N` indices of the convolutions up to relu4_1 (max-pools at 4,
+# 9, 18); its input is (RGB in [0, 1] - mean) / std, which conv0 is built to produce.
+VGG_TORCHVISION_KEYS = {"0": "conv1_1", "2": "conv1_2", "5": "conv2_1", "7": "conv2_2",
+                        "10": "conv3_1", "12": "conv3_2", "14": "conv3_3", "16": "conv3_4",
+                        "19": "conv4_1"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODER_TORCH_KEYS = {"1": "conv4_1", "5": "conv3_4", "8": "conv3_3", "11": "conv3_2",
                       "14": "conv3_1", "18": "conv2_2", "21": "conv2_1", "25": "conv1_2",
                       "28": "conv1_1"}
@@ -62,10 +71,25 @@ def reflect_pad(x):
   return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
 
 
+def zero_pad(x):
+  """Conv2d(padding=1)'s zero padding on NHWC."""
+  return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
 def max_pool_ceil(x):
   """nn.MaxPool2d(2, 2, ceil_mode=True): odd sizes keep a last, partial window."""
   pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding=pad)
+
+
+def max_pool_floor(x):
+  """nn.MaxPool2d(2, 2) (ceil_mode=False): an odd last row / column is dropped."""
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+# padding -> (pad before each 3x3 conv, 2x2 pool): pytorch-AdaIN's vgg_normalised layout,
+# or torchvision's VGG (zero padding, floor pooling).
+_ENCODER_LAYOUTS = {"reflect": (reflect_pad, max_pool_ceil), "zeros": (zero_pad, max_pool_floor)}
 
 
 class VGGEncoder(nn.Module):
@@ -74,22 +98,33 @@ class VGGEncoder(nn.Module):
   Attributes:
     width: channel multiplier (1.0 = the real network whose weights can be imported).
     dtype: compute dtype; parameters stay float32, outputs are float32.
+    padding: 'reflect' (vgg_normalised.pth: reflection padding, ceil_mode pools) or
+      'zeros' (torchvision VGG-19: zero padding, floor pools), the layout the imported
+      weights were trained with.
   """
 
   width: float = 1.0
   dtype: Any = jnp.float32
+  padding: str = "reflect"
+
+  def __post_init__(self):
+    if self.padding not in _ENCODER_LAYOUTS:
+      raise ValueError(f"Unknown VGG padding {self.padding!r}; use one of "
+                       f"{sorted(_ENCODER_LAYOUTS)} (method.style.vgg_padding).")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x):
+    pad, pool = _ENCODER_LAYOUTS[self.padding]
     x = _conv(3, 3, 1, self.dtype, "conv0")(x.astype(self.dtype))
     outputs, channels = {}, 3
     for layer in _ENCODER:
       if layer == "pool":
-        x = max_pool_ceil(x)
+        x = pool(x)
         continue
       name, features = layer
       features = _width(features, self.width)
-      x = nn.relu(_conv(features, channels, 3, self.dtype, name)(reflect_pad(x)))
+      x = nn.relu(_conv(features, channels, 3, self.dtype, name)(pad(x)))
       channels = features
       tap = name.replace("conv", "relu")
       if tap in _TAPS:
@@ -241,6 +276,41 @@ def convert_vgg_normalised(state_dict):
   """`vgg_normalised.pth` (all 53 modules) -> `VGGEncoder` params; layers past relu4_1
   are dropped, as pytorch-AdaIN keeps only the first 31 modules."""
   return _convert(state_dict, VGG_TORCH_KEYS, "vgg_normalised.pth")
+
+
+def convert_vgg(state_dict, padding="reflect"):
+  """Encoder params from either layout (torchvision's `features.N.*` or vgg_normalised's
+  `N.*`); torchvision weights are refused unless the encoder pads with zeros."""
+  if not any(k.startswith(("features.", "module.features.")) for k in state_dict):
+    return convert_vgg_normalised(state_dict)
+  if padding != "zeros":
+    raise WeightsError("torchvision VGG-19 weights need the encoder's zero padding and floor "
+                       "pooling: set method.style.vgg_padding=zeros (--vgg_padding=zeros).")
+  return convert_vgg_torchvision(state_dict)
+
+
+def convert_vgg_torchvision(state_dict):
+  """torchvision `vgg19` (features.N.*; classifier.* dropped) -> `VGGEncoder` params.
+
+  torchvision's VGG expects (RGB in [0, 1] - ImageNet mean) / std, and the encoder is
+  given RGB in [0, 1], so conv0 is that normalisation as a 1x1 convolution: kernel
+  diag(1 / std), bias -mean / std. Its features are reproduced only with
+  VGGEncoder(padding="zeros"), torchvision's zero padding and floor pooling.
+  """
+  if any(k.endswith("running_mean") for k in state_dict):
+    raise WeightsError("This VGG has batch normalisation (vgg19_bn), whose layout the "
+                       "encoder does not have; use torchvision's plain vgg19 weights.")
+  features = {}  # 'features.N.weight' -> 'N.weight'; classifier.* is dropped
+  for key, value in state_dict.items():
+    key = key.removeprefix("module.")
+    if key.startswith("features."):
+      features[key[len("features."):]] = value
+  params = _convert(features, VGG_TORCHVISION_KEYS, "torchvision VGG-19 (features.N)")
+  std = np.asarray(IMAGENET_STD, np.float32)
+  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  params["conv0"] = {"kernel": np.diag(1.0 / std).astype(np.float32)[None, None],
+                     "bias": (-mean / std).astype(np.float32)}
+  return params
 
 
 def convert_decoder(state_dict):

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from confeti_jax.models import heads
-from confeti_jax.models.resnet import ResNetV1c
+from confeti_jax.models.resnet import ResNetV1c, check_stem
 
 # Backbone names accepted by DeepLabV2, mapped to ResNet depths.
 BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
@@ -41,6 +41,8 @@ class DeepLabV2(nn.Module):
     num_classes: number of output classes (19 for Cityscapes).
     backbone: 'resnet18', 'resnet34', 'resnet50' or 'resnet101' (the reference).
     width: channel multiplier of the backbone, for miniature runs.
+    stem: backbone stem, 'deep' (ResNet-V1c, the reference) or '7x7' (torchvision / timm
+      'resnetNN' weights); see `resnet.ResNetV1c`.
     aspp_dilations: dilation (= padding) of each parallel head convolution.
     dtype: compute dtype; parameters stay float32 and the logits are returned as float32.
     remat: backbone stages whose blocks are rematerialised in the backward pass (same
@@ -65,10 +67,12 @@ class DeepLabV2(nn.Module):
   aux_classifier: bool = False
   cam_head: bool = False
   proj_dim: int = 0
+  stem: str = "deep"
 
   def __post_init__(self):
     # Validate at construction so a bad config fails before any tracing or compilation.
     backbone_depth(self.backbone)
+    check_stem(self.stem)
     super().__post_init__()
 
   @nn.compact
@@ -80,7 +84,7 @@ class DeepLabV2(nn.Module):
     """
     feats = ResNetV1c(
         depth=backbone_depth(self.backbone), width=self.width, dtype=self.dtype,
-        remat=self.remat, name="backbone")(x, train=train)
+        remat=self.remat, stem=self.stem, name="backbone")(x, train=train)
     if self.aux_classifier:
       feats = {**feats, "logits_aux": self._summed_aspp(feats["layer3"], "aux_aspp")}
     if self.cam_head:

@@ -8,6 +8,12 @@ the dilation). Every padding is written out symmetrically because 'SAME' pads st
 convolutions on the bottom/right only, which would shift every feature map by a pixel
 relative to the PyTorch weights this module has to load.
 
+`stem="7x7"` swaps the deep stem for torchvision's single 7x7 stride-2 convolution, BN,
+ReLU (then the same max-pool), so that torchvision / timm `resnet{50,101}` weights load
+(`conv1` / `bn1` -> stem_conv1 / stem_bn1; the rest of the tree is unchanged, as their
+bottlenecks also stride the 3x3 convolution). ADVENT's Caffe-style DeepLab ResNet strides
+the first 1x1 convolution instead; that variant is not reproduced.
+
 Parameter names are chosen so that an mmseg state-dict key maps mechanically::
 
   stem.0 / stem.1 (conv / BN)      -> stem_conv1 / stem_bn1
@@ -44,6 +50,7 @@ ARCH_SETTINGS = {
 }
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 _STEM_CHANNELS = 64
+STEMS = ("deep", "7x7")  # mmseg/timm 'c' three 3x3 convolutions | torchvision one 7x7
 _BASE_CHANNELS = 64
 
 # Kaiming normal (not truncated), fan_out, gain sqrt(2): mmcv `kaiming_init` defaults.
@@ -66,6 +73,13 @@ def _check_depth(depth: int):
   if depth not in ARCH_SETTINGS:
     raise ValueError(f"ResNet depth must be one of {sorted(ARCH_SETTINGS)}, got {depth!r}.")
   return ARCH_SETTINGS[depth]
+
+
+def check_stem(stem: str) -> str:
+  """Fails on an unknown stem name, so a config typo is caught before any tracing."""
+  if stem not in STEMS:
+    raise ValueError(f"Unknown ResNet stem {stem!r}; model.stem must be one of {STEMS}.")
+  return stem
 
 
 def conv(features, kernel, *, stride=1, dilation=1, dtype=jnp.float32, name=None):
@@ -184,6 +198,8 @@ class ResNetV1c(nn.Module):
     strides: stride of the first block of each stage.
     dilations: dilation of each stage.
     contract_dilation: the first block of a stage with dilation d > 1 uses d // 2.
+    stem: 'deep' (three 3x3 convolutions, ResNet-V1c) or '7x7' (torchvision / timm
+      'resnetNN': one 7x7 stride-2 convolution named stem_conv1 / stem_bn1).
     dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
     remat: stages whose residual blocks are recomputed in the backward pass, trading
       compute for activation memory: True (every stage), False, or stage names, e.g.
@@ -197,6 +213,11 @@ class ResNetV1c(nn.Module):
   contract_dilation: bool = True
   dtype: Any = jnp.float32
   remat: bool | str | tuple[str, ...] = False
+  stem: str = "deep"
+
+  def __post_init__(self):
+    check_stem(self.stem)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, *, train: bool) -> dict:
@@ -206,9 +227,13 @@ class ResNetV1c(nn.Module):
     remat = remat_stages(self.remat)
 
     x = x.astype(self.dtype)
-    stem = ((ch(_STEM_CHANNELS // 2), 2), (ch(_STEM_CHANNELS // 2), 1), (ch(_STEM_CHANNELS), 1))
-    for k, (features, stride) in enumerate(stem, start=1):
-      x = conv(features, 3, stride=stride, dtype=self.dtype, name=f"stem_conv{k}")(x)
+    if self.stem == "7x7":  # (features, kernel, stride) per conv + BN + ReLU
+      stem = ((ch(_STEM_CHANNELS), 7, 2),)
+    else:
+      stem = ((ch(_STEM_CHANNELS // 2), 3, 2), (ch(_STEM_CHANNELS // 2), 3, 1),
+              (ch(_STEM_CHANNELS), 3, 1))
+    for k, (features, kernel, stride) in enumerate(stem, start=1):
+      x = conv(features, kernel, stride=stride, dtype=self.dtype, name=f"stem_conv{k}")(x)
       x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"stem_bn{k}")(x))
     # flax pads max-pooling with -inf (the reduction's identity), as PyTorch does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
