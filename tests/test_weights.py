@@ -123,20 +123,24 @@ def test_backbone_parity_with_torch_through_every_file_format(tmp_path):
   timm["fc.weight"] = np.zeros((10, 128), np.float32)  # the classifier is dropped
   write_safetensors(tmp_path / "r50c.safetensors", timm)
 
-  model = ResNetV1c(depth=18, width=0.25)
+  _assert_backbone_parity(ResNetV1c(depth=18, width=0.25), tmodel, _image(),
+                          [tmp_path / n for n in ("r50.npz", "r50.pth", "r50c.safetensors")])
+
+
+def _assert_backbone_parity(model, tmodel, images, paths):
+  """Every file loaded as the backbone of `model` reproduces `tmodel`'s four stages."""
+  x, xt = images
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  x, xt = _image()
   with torch.no_grad():
-    want = tmodel(xt)
+    want = [w.numpy().transpose(0, 2, 3, 1) for w in tmodel(xt)]
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(x), train=False))
   template = {c: {"backbone": shapes[c]} for c in ("params", "batch_stats")}
-  for name in ("r50.npz", "r50.pth", "r50c.safetensors"):
-    variables = weights.load_into(template, tmp_path / name, what="backbone")
-    inner = {c: variables[c]["backbone"] for c in variables}
-    got = apply(inner, jnp.asarray(x))
+  for path in paths:
+    variables = weights.load_into(template, path, what="backbone")
+    got = apply({c: variables[c]["backbone"] for c in variables}, jnp.asarray(x))
     for i in range(4):
-      err = _rel_err(got[f"layer{i + 1}"], want[i].numpy().transpose(0, 2, 3, 1))
-      assert err <= TOL, (name, i, err)
+      err = _rel_err(got[f"layer{i + 1}"], want[i])
+      assert err <= TOL, (path, i, err)
 
 
 def test_torchvision_resnet_parity_through_every_file_format(tmp_path):
@@ -149,20 +153,8 @@ def test_torchvision_resnet_parity_through_every_file_format(tmp_path):
   write_safetensors(tmp_path / "tv.safetensors",
                     {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
 
-  model = ResNetV1c(depth=50, width=0.25, stem="7x7")
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  x, xt = _image(seed=4)
-  with torch.no_grad():
-    want = [w.numpy().transpose(0, 2, 3, 1) for w in tmodel(xt)]
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(x), train=False))
-  template = {c: {"backbone": shapes[c]} for c in ("params", "batch_stats")}
-  for name in ("tv.npz", "tv.pth", "tv.safetensors"):
-    variables = weights.load_into(template, tmp_path / name, what="backbone")
-    inner = {c: variables[c]["backbone"] for c in variables}
-    got = apply(inner, jnp.asarray(x))
-    for i in range(4):
-      err = _rel_err(got[f"layer{i + 1}"], want[i])
-      assert err <= TOL, (name, i, err)
+  _assert_backbone_parity(ResNetV1c(depth=50, width=0.25, stem="7x7"), tmodel, _image(seed=4),
+                          [tmp_path / n for n in ("tv.npz", "tv.pth", "tv.safetensors")])
 
   # Each stem's weights into the other stem's model: the error names the config fix.
   deep = _template(DeepLabV2(backbone="resnet50", width=0.25))
