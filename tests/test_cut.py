@@ -1,5 +1,5 @@
-"""CUT: anti-aliasing filters, generator (taps), PatchGAN and patch MLPs against a torch
-re-statement of the reference networks, loaded through the weight converters; PatchNCE and
+"""CUT: anti-aliasing filters, generator (taps), PatchGAN and patch MLPs against the torch
+re-statement in tests/torch_cut.py, loaded through the weight converters; PatchNCE and
 LSGAN against numpy; the whole G / D losses against torch; the D-then-G+F update order;
 the extra-loss hook; FDA against numpy; stage 0 (method 'cut') end to end on the toy."""
 
@@ -14,11 +14,10 @@ import numpy as np
 import optax
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn as tnn
 
 from confeti_jax import augment, losses, methods, style, train, weights
 from confeti_jax.models import cut
+from tests import torch_cut as tc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,185 +27,37 @@ torch.set_num_threads(2)
 TOL = 1e-4
 
 
-# -- torch re-statement of CUT's networks.py (module order = the state-dict keys) ------
-def t_filter(size):
-  row = np.array({3: [1.0, 2.0, 1.0], 4: [1.0, 3.0, 3.0, 1.0]}[size])
-  filt = torch.tensor(row[:, None] * row[None, :], dtype=torch.float32)
-  return filt / filt.sum()
-
-
-class TDownsample(tnn.Module):
-  def __init__(self, channels):
-    super().__init__()
-    self.register_buffer("filt", t_filter(3)[None, None].repeat(channels, 1, 1, 1))
-    self.pad = tnn.ReflectionPad2d([1, 1, 1, 1])
-
-  def forward(self, x):
-    return F.conv2d(self.pad(x), self.filt, stride=2, groups=x.shape[1])
-
-
-class TUpsample(tnn.Module):
-  def __init__(self, channels):
-    super().__init__()
-    self.register_buffer("filt", (t_filter(4) * 4)[None, None].repeat(channels, 1, 1, 1))
-    self.pad = tnn.ReplicationPad2d([1, 1, 1, 1])
-
-  def forward(self, x):
-    y = F.conv_transpose2d(self.pad(x), self.filt, stride=2, padding=2, groups=x.shape[1])
-    return y[:, :, 1:, 1:][:, :, :-1, :-1]
-
-
-class TResnetBlock(tnn.Module):
-  def __init__(self, dim):
-    super().__init__()
-    self.conv_block = tnn.Sequential(
-        tnn.ReflectionPad2d(1), tnn.Conv2d(dim, dim, 3), tnn.InstanceNorm2d(dim), tnn.ReLU(True),
-        tnn.ReflectionPad2d(1), tnn.Conv2d(dim, dim, 3), tnn.InstanceNorm2d(dim))
-
-  def forward(self, x):
-    return x + self.conv_block(x)
-
-
-class TSequentialNet(tnn.Module):
-  """Holds `model` (keys model.N...) and runs the reference generator's tap loop."""
-
-  def __init__(self, layers):
-    super().__init__()
-    self.model = tnn.Sequential(*layers)
-
-  def forward(self, x, layers=(), encode_only=False):
-    feats = []
-    for index, layer in enumerate(self.model):
-      x = layer(x)
-      if index in layers:
-        feats.append(x)
-      if layers and index == layers[-1] and encode_only:
-        return feats
-    return x, feats
-
-
-def t_generator(ngf, n_blocks):
-  norm = tnn.InstanceNorm2d
-  layers = [tnn.ReflectionPad2d(3), tnn.Conv2d(3, ngf, 7), norm(ngf), tnn.ReLU(True)]
-  for i in range(2):
-    m = 2**i
-    layers += [tnn.Conv2d(ngf * m, ngf * m * 2, 3, padding=1), norm(ngf * m * 2), tnn.ReLU(True),
-               TDownsample(ngf * m * 2)]
-  layers += [TResnetBlock(ngf * 4) for _ in range(n_blocks)]
-  for i in range(2):
-    m = 2 ** (2 - i)
-    layers += [TUpsample(ngf * m), tnn.Conv2d(ngf * m, ngf * m // 2, 3, padding=1),
-               norm(ngf * m // 2), tnn.ReLU(True)]
-  layers += [tnn.ReflectionPad2d(3), tnn.Conv2d(ngf, 3, 7), tnn.Tanh()]
-  return TSequentialNet(layers)
-
-
-def t_discriminator(ndf, n_layers=3):
-  lrelu = lambda: tnn.LeakyReLU(0.2, True)
-  layers = [tnn.Conv2d(3, ndf, 4, padding=1), lrelu(), TDownsample(ndf)]
-  mult = 1
-  for n in range(1, n_layers):
-    prev, mult = mult, min(2**n, 8)
-    layers += [tnn.Conv2d(ndf * prev, ndf * mult, 4, padding=1), tnn.InstanceNorm2d(ndf * mult),
-               lrelu(), TDownsample(ndf * mult)]
-  prev, mult = mult, min(2**n_layers, 8)
-  layers += [tnn.Conv2d(ndf * prev, ndf * mult, 4, padding=1), tnn.InstanceNorm2d(ndf * mult),
-             lrelu(), tnn.Conv2d(ndf * mult, 1, 4, padding=1)]
-  return TSequentialNet(layers)
-
-
-class TPatchSampleF(tnn.Module):
-  def __init__(self, channels, nc=256):
-    super().__init__()
-    for i, c in enumerate(channels):
-      setattr(self, f"mlp_{i}", tnn.Sequential(tnn.Linear(c, nc), tnn.ReLU(), tnn.Linear(nc, nc)))
-
-  def forward(self, feats, patch_ids):
-    out = []
-    for i, (feat, ids) in enumerate(zip(feats, patch_ids)):
-      x = feat.permute(0, 2, 3, 1).flatten(1, 2)[:, torch.tensor(np.asarray(ids)).long(), :]
-      x = x.flatten(0, 1)
-      x = getattr(self, f"mlp_{i}")(x)
-      out.append(x / (x.pow(2).sum(1, keepdim=True).pow(0.5) + 1e-7))
-    return out
-
-
-def t_patch_nce(q, k, batch_size, temperature=0.07):
-  n, dim = q.shape
-  k = k.detach()
-  l_pos = torch.bmm(q.view(n, 1, -1), k.view(n, -1, 1)).view(n, 1)
-  qb, kb = q.view(batch_size, -1, dim), k.view(batch_size, -1, dim)
-  npatches = qb.size(1)
-  l_neg = torch.bmm(qb, kb.transpose(2, 1))
-  l_neg.masked_fill_(torch.eye(npatches, dtype=torch.bool)[None], -10.0)
-  out = torch.cat((l_pos, l_neg.view(-1, npatches)), dim=1) / temperature
-  return F.cross_entropy(out, torch.zeros(n, dtype=torch.long), reduction="none")
-
-
-def _randomize(module, seed):
-  """He-scaled weights, small biases: parameters only (the `filt` buffers stay fixed)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for _, p in module.named_parameters():
-      if p.ndim > 1:
-        p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
-      else:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-  return module
-
-
-def _sd(module, prefix=""):
-  return {prefix + k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
-
-
-def _nhwc(t):
-  return np.moveaxis(t.detach().numpy(), 1, -1)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _images(seed, shape):
-  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
-
-
 # -- networks ----------------------------------------------------------------------------
 def test_antialias_filters_match_torch():
   for shape in ((2, 9, 11, 5), (1, 8, 8, 3)):
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     c = shape[-1]
     with torch.no_grad():
-      down, up = TDownsample(c)(_nchw(x)), TUpsample(c)(_nchw(x))
+      down, up = tc.TDownsample(c)(tc.nchw(x)), tc.TUpsample(c)(tc.nchw(x))
     got_down, got_up = cut.Downsample().apply({}, jnp.asarray(x)), cut.Upsample().apply(
         {}, jnp.asarray(x))
     assert got_up.shape == (shape[0], 2 * shape[1], 2 * shape[2], c)
-    assert _rel(got_down, _nhwc(down)) <= TOL and _rel(got_up, _nhwc(up)) <= TOL
+    assert tc.rel_err(got_down, tc.nhwc(down)) <= TOL and tc.rel_err(got_up, tc.nhwc(up)) <= TOL
 
 
 def test_generator_small_parity_and_encode_only():
   torch.manual_seed(0)
-  net = _randomize(t_generator(4, 2), 1)
-  params = weights.convert(_sd(net, "module."))["params"]  # detected as cut_generator
-  x = _images(2, (2, 28, 20, 3))
+  net = tc.randomize(tc.t_generator(4, 2), 1)
+  params = weights.convert(tc.numpy_state(net, "module."))["params"]  # detected as cut_generator
+  x = tc.random_images(2, (2, 28, 20, 3))
   taps = (0, 4, 8, 12, 13, 15, 17)
   with torch.no_grad():
-    ref_img, ref_taps = net(_nchw(x), taps)
-    ref_enc = net(_nchw(x), taps[:4], encode_only=True)
+    ref_img, ref_taps = net(tc.nchw(x), taps)
+    ref_enc = net(tc.nchw(x), taps[:4], encode_only=True)
   g = cut.ResnetGenerator(ngf=4, n_blocks=2)
   img, got_taps = g.apply({"params": params}, jnp.asarray(x), nce_layers=taps)
-  assert img.shape == x.shape and _rel(img, _nhwc(ref_img)) <= TOL
+  assert img.shape == x.shape and tc.rel_err(img, tc.nhwc(ref_img)) <= TOL
   for index, got, ref in zip(taps, got_taps, ref_taps):
-    assert _rel(got, _nhwc(ref)) <= TOL, index
+    assert tc.rel_err(got, tc.nhwc(ref)) <= TOL, index
   none, enc = g.apply({"params": params}, jnp.asarray(x), nce_layers=taps[:4], encode_only=True)
   assert none is None and len(enc) == 4
   for got, ref in zip(enc, ref_enc):
-    assert _rel(got, _nhwc(ref)) <= TOL
+    assert tc.rel_err(got, tc.nhwc(ref)) <= TOL
   with pytest.raises(ValueError, match="nce_layers"):
     g.apply({"params": params}, jnp.asarray(x), nce_layers=(8, 4))
 
@@ -214,16 +65,16 @@ def test_generator_small_parity_and_encode_only():
 def test_generator_nine_block_index_map():
   """The reference taps 0,4,8,12,16 (padded input, both down convs pre-norm, ResBlocks 1
   and 5) with 9 blocks; at 512 and ngf 64 their shapes are spec §4.2's."""
-  net = _randomize(t_generator(2, 9), 3)
-  params = cut.convert_generator(_sd(net))
-  x = _images(4, (2, 16, 16, 3))
+  net = tc.randomize(tc.t_generator(2, 9), 3)
+  params = cut.convert_generator(tc.numpy_state(net))
+  x = tc.random_images(4, (2, 16, 16, 3))
   nce = (0, 4, 8, 12, 16)
   with torch.no_grad():
-    ref = net(_nchw(x), nce, encode_only=True)
+    ref = net(tc.nchw(x), nce, encode_only=True)
   _, got = cut.ResnetGenerator(ngf=2, n_blocks=9).apply(
       {"params": params}, jnp.asarray(x), nce_layers=nce, encode_only=True)
   for index, g, r in zip(nce, got, ref):
-    assert _rel(g, _nhwc(r)) <= TOL, index
+    assert tc.rel_err(g, tc.nhwc(r)) <= TOL, index
 
   full = cut.ResnetGenerator()
   big = jnp.zeros((1, 512, 512, 3))
@@ -236,13 +87,13 @@ def test_generator_nine_block_index_map():
 
 
 def test_discriminator_parity_and_patch_size():
-  net = _randomize(t_discriminator(4), 5)
-  params = weights.convert(_sd(net))["params"]  # detected as cut_discriminator
-  x = _images(6, (2, 40, 36, 3))
+  net = tc.randomize(tc.t_discriminator(4), 5)
+  params = weights.convert(tc.numpy_state(net))["params"]  # detected as cut_discriminator
+  x = tc.random_images(6, (2, 40, 36, 3))
   with torch.no_grad():
-    ref, _ = net(_nchw(x))
+    ref, _ = net(tc.nchw(x))
   got = cut.NLayerDiscriminator(ndf=4).apply({"params": params}, jnp.asarray(x))
-  assert _rel(got, _nhwc(ref)) <= TOL
+  assert tc.rel_err(got, tc.nhwc(ref)) <= TOL
   d = cut.NLayerDiscriminator()
   big = jnp.zeros((1, 512, 512, 3))
   assert jax.eval_shape(lambda: d.apply(d.init(jax.random.key(0), big), big)).shape == (
@@ -257,18 +108,18 @@ def test_patch_mlp_parity_and_patch_ids():
   assert [len(i) for i in ids] == [16, 16, 9]
   for i, t in zip(ids, taps):
     assert len(set(np.asarray(i).tolist())) == len(i) and int(i.max()) < t.shape[1] * t.shape[2]
-  net = _randomize(TPatchSampleF([3, 8, 8], nc=32), 8)
-  params = weights.convert(_sd(net))["params"]  # detected as cut_patch_mlp
+  net = tc.randomize(tc.TPatchSampleF([3, 8, 8], nc=32), 8)
+  params = weights.convert(tc.numpy_state(net))["params"]  # detected as cut_patch_mlp
   with torch.no_grad():
-    ref = net([_nchw(t) for t in taps], [np.asarray(i) for i in ids])
+    ref = net([tc.nchw(t) for t in taps], [np.asarray(i) for i in ids])
   got = cut.PatchSampleMLP(features=32).apply({"params": params}, [jnp.asarray(t) for t in taps],
                                               ids)
   for g, r in zip(got, ref):
-    assert g.shape == tuple(r.shape) and _rel(g, r.numpy()) <= TOL
+    assert g.shape == tuple(r.shape) and tc.rel_err(g, r.numpy()) <= TOL
 
 
 def test_converters_reject_wrong_files():
-  sd = _sd(t_generator(2, 1))
+  sd = tc.numpy_state(tc.t_generator(2, 1))
   with pytest.raises(weights.WeightsError, match="model.4.weight"):
     cut.convert_generator({k: v for k, v in sd.items() if not k.startswith("model.4.")})
   bad = dict(sd, **{"model.7.filt": np.ones_like(sd["model.7.filt"])})
@@ -292,7 +143,7 @@ def test_patch_nce_matches_numpy_and_detaches_keys():
       expected.append(np.log(np.exp(logits).sum()) - logits[0])
   got = losses.patch_nce(jnp.asarray(q), jnp.asarray(k), 2)
   np.testing.assert_allclose(float(got), np.mean(expected), rtol=1e-5)
-  ref = t_patch_nce(torch.tensor(q), torch.tensor(k), 2).mean().item()
+  ref = tc.t_patch_nce(torch.tensor(q), torch.tensor(k), 2).mean().item()
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
   grad_k = jax.grad(lambda kk: losses.patch_nce(jnp.asarray(q), kk, 2))(jnp.asarray(k))
   assert float(jnp.abs(grad_k).max()) == 0.0
@@ -331,7 +182,8 @@ def small_cut():
   gen, disc, mlp = style.init_cut(jax.random.key(0), model)
   rescale = lambda group: group.replace(params=jax.tree.map(lambda p: p * 40.0, group.params))
   gen, disc, mlp = rescale(gen), rescale(disc), rescale(mlp)
-  xs, xt = jnp.asarray(_images(10, (2, 24, 24, 3))), jnp.asarray(_images(11, (2, 24, 24, 3)))
+  xs = jnp.asarray(tc.random_images(10, (2, 24, 24, 3)))
+  xt = jnp.asarray(tc.random_images(11, (2, 24, 24, 3)))
   key = jax.random.key(STEP_KEY)
   fns = dict(
       generate=jax.jit(lambda gp: style.generate(model, gp, xs)),
@@ -352,8 +204,8 @@ def test_losses_match_torch(small_cut):
   loss_d, _ = fns["d_loss"](disc.params, fns["generate"](gen.params))
 
   # torch nets carrying the same weights (flax -> torch by the converters' inverse).
-  tg, td = t_generator(2, 1), t_discriminator(2)
-  tf = TPatchSampleF([3, 4, 8, 8], nc=8)
+  tg, td = tc.t_generator(2, 1), tc.t_discriminator(2)
+  tf = tc.TPatchSampleF([3, 4, 8, 8], nc=8)
   _load_torch(tg, gen.params, cut.generator_layers(2, 1))
   _load_torch(td, disc.params, cut.discriminator_layers(2, 3))
   for name, p in mlp.params.items():
@@ -361,17 +213,17 @@ def test_losses_match_torch(small_cut):
     lin = getattr(tf, f"mlp_{i}")[0 if fc == "fc1" else 2]
     lin.weight.data = torch.tensor(np.asarray(p["kernel"]).T.copy())
     lin.bias.data = torch.tensor(np.asarray(p["bias"]))
-  real_a, real_b = _nchw(xs), _nchw(xt)
+  real_a, real_b = tc.nchw(xs), tc.nchw(xt)
   nce = model.nce_layers
   key_x, key_y = jax.random.split(jax.random.key(STEP_KEY))
 
   def t_nce(src, tgt, key):
     feat_k = tg(src, nce, encode_only=True)
     feat_q = tg(tgt, nce, encode_only=True)
-    taps = [jnp.asarray(_nhwc(f)) for f in feat_k]
+    taps = [jnp.asarray(tc.nhwc(f)) for f in feat_k]
     ids = [np.asarray(i) for i in cut.sample_patch_ids(key, taps, model.num_patches)]
     pool_k, pool_q = tf(feat_k, ids), tf(feat_q, ids)
-    return sum(t_patch_nce(q, k, 2).mean() for q, k in zip(pool_q, pool_k)) / len(nce)
+    return sum(tc.t_patch_nce(q, k, 2).mean() for q, k in zip(pool_q, pool_k)) / len(nce)
 
   with torch.no_grad():
     fake_all, _ = tg(torch.cat([real_a, real_b]), nce)
@@ -385,7 +237,7 @@ def test_losses_match_torch(small_cut):
 
 
 def _load_torch(net, params, layers):
-  """Writes flax params into a torch TSequentialNet (the converter run backwards)."""
+  """Writes flax params into a torch tc.TSequentialNet (the converter run backwards)."""
   def put(conv, p):
     conv.weight.data = torch.tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy())
     conv.bias.data = torch.tensor(np.asarray(p["bias"]))
@@ -475,7 +327,7 @@ def test_fda_matches_numpy():
   tgt = rng.uniform(0, 255, (2, 20, 24, 3)).astype(np.float32)
   for beta in (0.1, 0.25):
     got = style.fda_source_to_target(jnp.asarray(src), jnp.asarray(tgt), beta)
-    assert _rel(got, _numpy_fda(src, tgt, beta)) <= TOL
+    assert tc.rel_err(got, _numpy_fda(src, tgt, beta)) <= TOL
   same = style.fda_source_to_target(jnp.asarray(src), jnp.asarray(tgt), 0.0)
   np.testing.assert_allclose(same, src, atol=1e-3)  # an empty band changes nothing
 
