@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from confeti_jax.augment import IMAGENET_MEAN, IMAGENET_STD  # [0, 255] units
 from confeti_jax.models.heads import torch_bias_init, torch_kernel_init
 from confeti_jax.weights import WeightsError
 
@@ -48,8 +49,6 @@ VGG_TORCH_KEYS = {"0": "conv0", "2": "conv1_1", "5": "conv1_2", "9": "conv2_1",
 VGG_TORCHVISION_KEYS = {"0": "conv1_1", "2": "conv1_2", "5": "conv2_1", "7": "conv2_2",
                         "10": "conv3_1", "12": "conv3_2", "14": "conv3_3", "16": "conv3_4",
                         "19": "conv4_1"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODER_TORCH_KEYS = {"1": "conv4_1", "5": "conv3_4", "8": "conv3_3", "11": "conv3_2",
                       "14": "conv3_1", "18": "conv2_2", "21": "conv2_1", "25": "conv1_2",
                       "28": "conv1_1"}
@@ -306,8 +305,8 @@ def convert_vgg_torchvision(state_dict):
     if key.startswith("features."):
       features[key[len("features."):]] = value
   params = _convert(features, VGG_TORCHVISION_KEYS, "torchvision VGG-19 (features.N)")
-  std = np.asarray(IMAGENET_STD, np.float32)
-  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.asarray(IMAGENET_STD, np.float32) / 255.0  # the encoder's input is in [0, 1]
+  mean = np.asarray(IMAGENET_MEAN, np.float32) / 255.0
   params["conv0"] = {"kernel": np.diag(1.0 / std).astype(np.float32)[None, None],
                      "bias": (-mean / std).astype(np.float32)}
   return params
