@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/toy_demo
 CONFETI_WORKDIR ?= workdirs/toy_demo_confeti
 PYTEST_ARGS ?=
+# Two pytest workers, one test file each at a time (module fixtures stay in one process):
+# the suite is mostly single-threaded XLA compilation, so this fills CI's 2 cores.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo demo-quick test lint venv clean
 
@@ -35,7 +38,7 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff check confeti_jax configs scripts tests
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
