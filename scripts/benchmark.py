@@ -12,7 +12,9 @@ a warm-up. `--sweep` takes `key=v1,v2;key2=...` over batch_size, dtype and remat
 any dotted config key; '+' joins stage names inside one remat value, 'none' is off),
 or `default` (batch B and 2B x float32/bfloat16 x remat none/all); every point runs
 in a fresh process (`--isolate`), so peak-memory counters and an out-of-memory point
-do not spill into the next one.
+do not spill into the next one. `--compile_only` lowers the step from shapes and
+reports the compiled figures alone (compile_s, XLA memory, FLOPs): a paper-size step on
+a laptop, or a quick "does batch 4 fit" on the device itself.
 
 Per point: compile_s; s_per_step (median) and images_per_s (per domain); memory:
 peak_memory_bytes (device allocator peak where the backend reports one, else the
@@ -52,6 +54,8 @@ _JSON = flags.DEFINE_string("json", None, "Where to write the JSON result.")
 _OUTPUT = flags.DEFINE_string("output", None, "Alias of --json.")
 _SWEEP = flags.DEFINE_string("sweep", "", "'default' or 'key=v1,v2;key2=...' (see above).")
 _ISOLATE = flags.DEFINE_bool("isolate", True, "Run each sweep point in a fresh process.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile from shapes and report FLOPs and XLA memory; no steps.")
 flags.mark_flags_as_required(["config"])
 
 # Dense bfloat16 peak per chip (vendor data sheets), matched against device_kind in order.
@@ -144,8 +148,12 @@ def _compiled_memory(compiled):
                                          + m.temp_size_in_bytes - m.alias_size_in_bytes)}
 
 
-def measure(config, *, steps=5, repeats=3, warmup=2):
-  """Compiles and times one config's train step on every local device; returns a dict."""
+def measure(config, *, steps=5, repeats=3, warmup=2, compile_only=False):
+  """Compiles and times one config's train step on every local device; returns a dict.
+
+  `compile_only` lowers from shapes and stops after the compiled figures (FLOPs, XLA
+  memory): a paper-size step on a small machine, or a quick fit check on a device.
+  """
   import jax
 
   from confeti_jax import methods, sharding, train
@@ -158,9 +166,14 @@ def measure(config, *, steps=5, repeats=3, warmup=2):
   init_key = jax.random.key(int(config.seed), impl="rbg")
   abstract = jax.eval_shape(method.init_state, init_key)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(method.init_state, out_shardings=shardings)(init_key)
   step_fn = train.make_train_step(method, config, mesh, shardings)
-  batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), mesh)
+  host_batch = synthetic_batch(config, np.random.default_rng(0))
+  if compile_only:  # shapes alone: nothing is initialised or run
+    state = abstract
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
+  else:
+    state = jax.jit(method.init_state, out_shardings=shardings)(init_key)
+    batch = sharding.to_global(host_batch, mesh)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -169,6 +182,19 @@ def measure(config, *, steps=5, repeats=3, warmup=2):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # XLA reports the per-device program of the SPMD partition.
   flops = float(cost.get("flops", 0.0)) * mesh.devices.size if cost else 0.0
+  device = jax.local_devices()[0]
+  result = {
+      "method": config.method.name, "stage": config.method.get("stage"),
+      "backbone": config.model.backbone, "width": config.model.width,
+      "dtype": config.model.dtype, "remat": str(config.model.get("remat", "")),
+      "crop_size": list(config.data.crop_size), "batch_size": config.train.batch_size,
+      "devices": int(mesh.devices.size), "device_kind": device.device_kind,
+      "backend": jax.default_backend(), "compile_s": round(compile_s, 3),
+      **_compiled_memory(compiled), "flops_per_step": flops,
+      "jax_version": jax.__version__,
+  }
+  if compile_only:
+    return result
 
   for _ in range(warmup):
     state, _ = compiled(state, batch)
@@ -181,27 +207,17 @@ def measure(config, *, steps=5, repeats=3, warmup=2):
     jax.block_until_ready((state, metrics))
     block_times.append((time.perf_counter() - t0) / steps)
   s_per_step = float(np.median(block_times))
-  device = jax.local_devices()[0]
   peak, peak_kind = peak_memory_bytes(device)
   tflops = flops / s_per_step / 1e12
   peak_tflops = peak_bf16_tflops(device.device_kind)
   return {
-      "method": config.method.name, "backbone": config.model.backbone,
-      "width": config.model.width, "dtype": config.model.dtype,
-      "remat": str(config.model.get("remat", "")),
-      "crop_size": list(config.data.crop_size), "batch_size": config.train.batch_size,
-      "devices": int(mesh.devices.size), "device_kind": device.device_kind,
-      "backend": jax.default_backend(), "compile_s": round(compile_s, 3),
-      "s_per_step": s_per_step, "s_per_step_blocks": block_times,
+      **result, "s_per_step": s_per_step, "s_per_step_blocks": block_times,
       "steps_per_s": 1.0 / s_per_step,
       "images_per_s": config.train.batch_size / s_per_step,  # per domain
       "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
-      **_compiled_memory(compiled),
-      "flops_per_step": flops, "tflops_per_s": tflops,
-      "peak_bf16_tflops_per_device": peak_tflops,
+      "tflops_per_s": tflops, "peak_bf16_tflops_per_device": peak_tflops,
       "fraction_of_bf16_peak": (tflops / mesh.devices.size / peak_tflops
                                 if peak_tflops else None),
-      "jax_version": jax.__version__,
   }
 
 
@@ -248,11 +264,14 @@ def _row(r):
   if "error" in r:
     return f"{r['overrides']}: {r['error']}"
   gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"
+  head = (f"batch {r['batch_size']} {r['dtype']} remat={r['remat'] or 'none'}: "
+          f"compile {r['compile_s']:.1f} s | XLA temp {gib(r['xla_temp_bytes'])} GiB | "
+          f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step")
+  if "s_per_step" not in r:  # --compile_only
+    return head
   frac = r["fraction_of_bf16_peak"]
-  return (f"batch {r['batch_size']} {r['dtype']} remat={r['remat'] or 'none'}: "
-          f"compile {r['compile_s']:.1f} s | {r['s_per_step'] * 1e3:.1f} ms/step | "
-          f"{r['images_per_s']:.1f} img/s | peak {gib(r['peak_memory_bytes'])} GiB "
-          f"({r['peak_memory_kind']}) | XLA temp {gib(r['xla_temp_bytes'])} GiB | "
+  return (f"{head} | {r['s_per_step'] * 1e3:.1f} ms/step | {r['images_per_s']:.1f} img/s | "
+          f"peak {gib(r['peak_memory_bytes'])} GiB ({r['peak_memory_kind']}) | "
           f"{r['tflops_per_s']:.3f} TFLOP/s" + (f" ({100 * frac:.1f}% of bf16 peak)"
                                                if frac is not None else ""))
 
@@ -260,7 +279,8 @@ def _row(r):
 def main(argv):
   del argv
   results = run(_CONFIG.value, _SWEEP.value, isolate=_ISOLATE.value, steps=_STEPS.value,
-                repeats=_REPEATS.value, warmup=_WARMUP.value)
+                repeats=_REPEATS.value, warmup=_WARMUP.value,
+                compile_only=_COMPILE_ONLY.value)
   report = {"config_args": [a for a in sys.argv[1:] if a.startswith("--config")],
             "sweep": _SWEEP.value, "results": results}
   text = json.dumps(report, indent=2)
