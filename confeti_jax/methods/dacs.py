@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from confeti_jax import augment, losses, models, photometric
+from confeti_jax import augment, losses, photometric
 from confeti_jax import state as state_lib
 from confeti_jax.methods import base
 from confeti_jax.models import deeplabv2
@@ -83,12 +83,9 @@ class DACS(base.SegmentorMethod):
     self.fd_lambda = float(m.fd_lambda)
     self.fd_classes = tuple(int(c) for c in m.fd_classes)
     self.fd_min_ratio = float(m.fd_scale_min_ratio)
-    # The FD model needs only the backbone: the same module the segmentor builds under
+    # The FD model needs only the backbone: the module the segmentor builds under
     # 'backbone', so the student's initial backbone variables apply to it unchanged.
-    self.imnet_backbone = models.ResNetV1c(
-        depth=deeplabv2.backbone_depth(config.model.backbone),
-        width=float(config.model.width), dtype=models.parse_dtype(config.model.dtype),
-        stem=config.model.get("stem", "deep"))
+    self.imnet_backbone = deeplabv2.backbone_of(self.model)
 
   # -- state ---------------------------------------------------------------------
   def init_state(self, key):

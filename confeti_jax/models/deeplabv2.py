@@ -34,6 +34,14 @@ def backbone_depth(name: str) -> int:
   return BACKBONES[name]
 
 
+def backbone_of(segmentor, **kwargs):
+  """The ResNetV1c `segmentor` runs under 'backbone' (a function, not a method: flax would
+  bind a module made in an unbound module's method to it). DACS's frozen ImageNet copy
+  applies this same module to the student's initial backbone variables."""
+  return ResNetV1c(depth=backbone_depth(segmentor.backbone), width=segmentor.width,
+                   dtype=segmentor.dtype, remat=segmentor.remat, stem=segmentor.stem, **kwargs)
+
+
 class DeepLabV2(nn.Module):
   """DeepLabV2 with a dilated ResNet-V1c (output stride 8), as the CONFETI segmentor.
 
@@ -82,9 +90,7 @@ class DeepLabV2(nn.Module):
     The features dict ('layer1'..'layer4', compute dtype) is what the CAM and projection
     heads read; 'layer4' is the tensor this head classifies.
     """
-    feats = ResNetV1c(
-        depth=backbone_depth(self.backbone), width=self.width, dtype=self.dtype,
-        remat=self.remat, stem=self.stem, name="backbone")(x, train=train)
+    feats = backbone_of(self, name="backbone")(x, train=train)
     if self.aux_classifier:
       feats = {**feats, "logits_aux": self._summed_aspp(feats["layer3"], "aux_aspp")}
     if self.cam_head:
