@@ -161,11 +161,8 @@ def measure(config, *, steps=5, repeats=3, warmup=2, compile_only=False):
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh)
   method = methods.build(config)
-  if getattr(method, "cut", None) is not None and getattr(method, "_restored", 0) is None \
-      and not method.trains_generator and not method.cut.gen_weights:
-    # CONFETI's second stage without a stage-1 run: a random frozen generator costs the
-    # same as the trained one (an empty restore keeps the fresh initialisation).
-    method._restored = {}
+  if hasattr(method, "allow_random_generator"):  # CONFETI's stage 2 without a stage-1 run
+    method.allow_random_generator = True
   # An rbg key for the (unmeasured) initialisation: the same shapes, and it compiles in
   # seconds where per-parameter threefry takes tens of seconds on CPU.
   init_key = jax.random.key(int(config.seed), impl="rbg")

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +12,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import benchmark  # noqa: E402
 
+from confeti_jax import methods  # noqa: E402
 from configs import toy  # noqa: E402
 
 
@@ -77,3 +79,14 @@ def test_main_writes_the_json_report(tmp_path, monkeypatch):
   report = json.loads(path.read_text())
   assert report["config_args"] == ["--config=configs/toy.py:tiny=1"]
   assert len(report["results"]) == 1 and report["results"][0]["flops_per_step"] > 0
+
+
+def test_second_stage_runs_a_random_frozen_generator_in_the_benchmark_only():
+  config = toy.get_config("method=confeti,tiny=1")
+  config.train.batch_size, config.method.stage = 8, 2
+  # Training refuses a frozen generator without weights, naming the keys to set ...
+  with pytest.raises(ValueError, match="method.cut_from"):
+    jax.eval_shape(methods.build(config).init_state, jax.random.key(0))
+  # ... while the benchmark measures the same step with the random initialisation.
+  shapes, = benchmark.run(config, compile_only=True)
+  assert shapes["stage"] == 2 and shapes["flops_per_step"] > 0

@@ -128,6 +128,9 @@ class CONFETI(dacs.DACS):
                        "method.proto or use sc_loss='ce' / 'none'.")
     self.frozen_tx = optax.set_to_zero()  # one object: it is static pytree metadata
     self._restored = self.load_cut_checkpoint() if self.cut is not None and self.cut_from else None
+    # A frozen generator without weights is an error in training; the benchmark sets this
+    # (a random G costs the same per step as the trained one).
+    self.allow_random_generator = False
 
   @property
   def trains_target_pcl(self):
@@ -202,7 +205,7 @@ class CONFETI(dacs.DACS):
       groups = {n: state_lib.OptGroup.create(
           jax.tree.map(jnp.asarray, self._restored[n]["params"]), self.cut.tx)
           if n in self._restored else g for n, g in groups.items()}
-    elif not self.trains_generator and not self.cut.gen_weights:
+    elif not (self.trains_generator or self.cut.gen_weights or self.allow_random_generator):
       raise ValueError(
           f"CONFETI stage {self.stage} runs a frozen generator but has none: set "
           "method.cut_from to the workdir of a joint-stage run, or method.cut.gen_weights "
