@@ -81,6 +81,11 @@ def test_end_to_end_train_and_eval(toy_cache, tmp_path):
     train.train_and_evaluate(other, workdir)
 
 
+def method_lr(config, step):
+  """The backbone learning rate of `config`'s schedule at `step`."""
+  return methods.build(config).learning_rates(step)["lr_backbone"]
+
+
 def _run_steps(config, mesh, batches):
   method = methods.build(config)
   state, _, shardings = train.create_state(method, config, mesh)
@@ -102,7 +107,11 @@ def test_sharded_step_equals_single_device(toy_cache):
   l8, p8, bs8 = _run_steps(config, sharding.make_mesh(), batches)
   l1, p1, bs1 = _run_steps(config, sharding.make_mesh(1), batches)
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p8, p1)
+  # Adam divides each moment by its own root: a parameter whose gradients are near zero
+  # moves by a fraction of the learning rate set by float32 reduction-order noise, so the
+  # parameters agree to a tenth of the second step's rate (5e-4 here), not to 1e-5.
+  atol = 0.1 * float(method_lr(config, step=1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol), p8, p1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), bs8, bs1)
 
 
