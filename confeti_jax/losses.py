@@ -245,7 +245,27 @@ def semantic_consistency(variant, stylised, original, protos=None, phi=None):
   return jnp.mean(jnp.square(dot(mapped) - dot(original)))
 
 
-def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_INDEX):
+@jax.custom_vjp
+def _bank_logits(z, bank, backward_bank):
+  """z . bank^T, whose gradient in z is taken against `backward_bank` instead."""
+  return jnp.matmul(z, bank.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _bank_logits_fwd(z, bank, backward_bank):
+  return _bank_logits(z, bank, backward_bank), (bank, backward_bank)
+
+
+def _bank_logits_bwd(res, g):
+  bank, backward_bank = res
+  dz = jnp.matmul(g, backward_bank, precision=jax.lax.Precision.HIGHEST)
+  return dz, jnp.zeros_like(bank), jnp.zeros_like(backward_bank)
+
+
+_bank_logits.defvjp(_bank_logits_fwd, _bank_logits_bwd)
+
+
+def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_INDEX,
+                    backward_bank=None):
   """InfoNCE of pixel features against a bank of K class centres (CFContra's memory).
 
   The official code's `HybridMemory.forward`: features are L2-normalised, the logits
@@ -261,6 +281,9 @@ def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_
     bank: [K, D] class centres (L2-normalised by the caller's update rule).
     temperature: the softmax temperature tau (0.07 in the reference).
     ignore_index: label of pixels that contribute nothing.
+    backward_bank: [K, D] bank the gradient in `features` is taken against (None: `bank`).
+      The code's `HM.backward` multiplies by the bank as it is when the backward runs,
+      which other terms' in-place updates may already have moved (methods/cfcontra.py).
 
   Returns:
     float32 scalar; 0 when no pixel is labelled (the reference would give NaN).
@@ -268,7 +291,11 @@ def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_
   z = features.astype(jnp.float32)
   z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
   bank = jax.lax.stop_gradient(bank.astype(jnp.float32))
-  logits = jnp.matmul(z, bank.T, precision=jax.lax.Precision.HIGHEST) / temperature
+  if backward_bank is None:
+    logits = jnp.matmul(z, bank.T, precision=jax.lax.Precision.HIGHEST) / temperature
+  else:
+    backward_bank = jax.lax.stop_gradient(backward_bank.astype(jnp.float32))
+    logits = _bank_logits(z, bank, backward_bank) / temperature
   e = jnp.exp(logits - jnp.mean(logits))
   p = e / (jnp.sum(e, axis=-1, keepdims=True) + 1e-6)
   valid = labels != ignore_index

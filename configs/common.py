@@ -185,6 +185,12 @@ def _cfcontra():
           weight_src=1e-3, weight_tgt=1e-3, weight_tgt2src=1e-3, weight_src2tgt=1e-3,
           terms="all",               # 'all' (four terms) | 'intra' (Table 4)
           bank_update="cross",       # 'cross' (code) | 'domain' (paper Eq. 16-17)
+          # Bank each term's feature gradient sees: 'in_place' (code: as moved by the
+          # terms whose backward ran first) | 'start' (paper: the start-of-step banks).
+          bank_gradients="in_place",
+          # Warm-up source centres over 'correct' pixels (code: labelled and predicted
+          # c) | 'labelled' (paper Eq. 9: every pixel labelled c).
+          source_centres="correct",
           warmup_source_images=301,  # the code's centre pass: 301 source images,
           warmup_target_images=1601,  # then 1601 target images
       ),

@@ -275,6 +275,132 @@ def test_bank_life_cycle_matches_the_code(terms, update):
   np.testing.assert_allclose(np.asarray(banks.target), exp_tgt, rtol=1e-5, atol=1e-6)
 
 
+# -- the in-place bank order of the code's backward ------------------------------------
+def torch_contrast_step(fs, ls, ft, lt, src, tgt, *, in_place=True, momentum=0.9, temp=0.07):
+  """The code's contrast in torch: four HybridMemory calls (created in train_minent's
+  order) on two shared banks, one backward; each call's backward multiplies by its bank
+  and then moves it in place (HM.backward). in_place=False hands every call a copy.
+
+  fs, ft: [1, D, h, w] features; ls, lt: [1, h, w] labels (255 = ignored); src, tgt:
+  [K, D] banks. Returns (d/dfs, d/dft, final source bank, final target bank, the order
+  in which the four backward calls ran)."""
+  import torch
+  import torch.nn.functional as F
+
+  ran = []
+
+  class BankProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, centres, bank, name):
+      ctx.bank, ctx.name = bank, name
+      ctx.save_for_backward(centres)
+      return z.mm(bank.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+      ran.append(ctx.name)
+      (centres,) = ctx.saved_tensors
+      grad_z = grad.mm(ctx.bank)
+      for c in range(len(centres)):
+        ctx.bank[c] = momentum * ctx.bank[c] + (1 - momentum) * centres[c]
+        norm = ctx.bank[c].norm()
+        ctx.bank[c] /= norm if norm != 0 else 1
+      return grad_z, None, None, None
+
+  def memory(f, labels, bank, centres, name):
+    logits = BankProduct.apply(F.normalize(f, dim=1), centres,
+                               bank if in_place else bank.clone(), name) / temp
+    e = torch.exp(logits - logits.mean())
+    return F.nll_loss(torch.log(e / (e.sum(1, keepdim=True) + 1e-6) + 1e-6), labels,
+                      ignore_index=-1)
+
+  d = fs.shape[1]
+  f_s, f_t = torch.tensor(fs, requires_grad=True), torch.tensor(ft, requires_grad=True)
+  src_bank, tgt_bank = torch.tensor(src), torch.tensor(tgt)
+  c_s, c_t = (torch.tensor(np_calculate_average(f.astype(np.float64), y, K), dtype=torch.float32)
+              for f, y in ((fs, ls), (ft, lt)))
+  y_s, y_t = (torch.tensor(np.where(y == 255, -1, y).reshape(-1)).long() for y in (ls, lt))
+  flat = lambda f: f.permute(0, 2, 3, 1).reshape(-1, d)
+  loss_s = memory(flat(f_s), y_s, src_bank, c_s, "src")
+  loss_t = memory(flat(f_t), y_t, tgt_bank, c_t, "tgt")
+  loss_tgt2src = memory(flat(f_t), y_t, src_bank, c_t, "tgt2src")
+  loss_src2tgt = memory(flat(f_s), y_s, tgt_bank, c_s, "src2tgt")
+  loss = 1e-3 * loss_s + 1e-3 * loss_t
+  loss = loss + 1e-3 * loss_src2tgt + 1e-3 * loss_tgt2src
+  loss.backward()
+  return f_s.grad.numpy(), f_t.grad.numpy(), src_bank.numpy(), tgt_bank.numpy(), ran
+
+
+def _contrast_batch(seed, d=32, h=6, w=8):
+  """One batch of class-structured features (classes 0-5) near unit banks."""
+  rng = np.random.default_rng(seed)
+  mu = rng.normal(size=(K, d))
+  ls, lt = rng.integers(0, 6, size=(1, h, w)), rng.integers(0, 6, size=(1, h, w))
+  fs = mu[ls] + 0.7 * rng.normal(size=(1, h, w, d))
+  ft = mu[lt] + 0.5 * rng.normal(size=d) + 0.7 * rng.normal(size=(1, h, w, d))
+  lt[0, 0, :3] = 255
+  src, tgt = (np_normalize(mu + 0.3 * rng.normal(size=mu.shape)) for _ in range(2))
+  f32 = lambda x: np.asarray(x, np.float32)
+  return f32(np.moveaxis(fs, 3, 1)), ls, f32(np.moveaxis(ft, 3, 1)), lt, f32(src), f32(tgt)
+
+
+def _jax_contrast_grads(method, fs, ls, ft, lt, src, tgt):
+  banks = protos.Banks.zeros(K, fs.shape[1]).replace(source=jnp.asarray(src),
+                                                     target=jnp.asarray(tgt))
+
+  def total(f_s, f_t):
+    terms = method.contrast_terms(f_s, jnp.asarray(ls), f_t, jnp.asarray(lt), banks)
+    return sum(method.weights[n] * v for n, v in terms.items())
+
+  grads = jax.grad(total, argnums=(0, 1))(jnp.asarray(_nhwc(fs)), jnp.asarray(_nhwc(ft)))
+  return [np.moveaxis(np.asarray(g), -1, 1) for g in grads]
+
+
+def test_feature_gradients_follow_the_codes_in_place_bank_order():
+  """Default 'in_place' = torch running the code; 'start' = torch with a bank copy per
+  call (the paper's reading). The two differ by a few 1e-2 relative on every batch."""
+  rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  in_place = methods.build(_config())
+  start = methods.build(_config(bank_gradients="start"))
+  gaps = []
+  for seed in (0, 1):
+    batch = _contrast_batch(seed)
+    g_s, g_t, src_end, tgt_end, ran = torch_contrast_step(*batch)
+    assert ran == ["src2tgt", "tgt2src", "tgt", "src"]  # the order cfcontra.py assumes
+    got_s, got_t = _jax_contrast_grads(in_place, *batch)
+    assert rel(got_s, g_s) < 1e-4 and rel(got_t, g_t) < 1e-4
+    p_s, p_t, _, _, _ = torch_contrast_step(*batch, in_place=False)
+    got_s, got_t = _jax_contrast_grads(start, *batch)
+    assert rel(got_s, p_s) < 1e-4 and rel(got_t, p_t) < 1e-4
+    gaps += [rel(p_s, g_s), rel(p_t, g_t)]
+    # The banks after the step: update_banks (an active step) = torch's in-place result.
+    fs, ls, ft, lt, src, tgt = batch
+    banks = protos.Banks.zeros(K, fs.shape[1]).replace(source=jnp.asarray(src),
+                                                       target=jnp.asarray(tgt))
+    banks = in_place.update_banks(banks, 2, jnp.asarray(_nhwc(fs)), jnp.asarray(ls),
+                                  jnp.asarray(ls), jnp.asarray(_nhwc(ft)), jnp.asarray(lt))
+    np.testing.assert_allclose(np.asarray(banks.source), src_end, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(banks.target), tgt_end, rtol=1e-5, atol=1e-6)
+  assert 1e-2 < min(gaps) and max(gaps) < 1e-1, gaps  # the size cfcontra.py states
+
+
+def test_source_centres_switch_reads_all_labelled_pixels():
+  """'labelled' (paper Eq. 9) averages every labelled pixel; the code's 'correct' only
+  the correctly predicted ones."""
+  rng = np.random.default_rng(6)
+  fs, ls = rng.normal(size=(2, 6, 4, 4)), rng.integers(0, 4, size=(2, 4, 4))
+  pred = np.where(rng.random((2, 4, 4)) < 0.5, ls, (ls + 1) % 4)
+  for rule, expected_pred in (("correct", pred), ("labelled", ls)):
+    method = methods.build(_config(source_centres=rule))
+    banks = method.update_banks(protos.Banks.zeros(K, 6), 0, jnp.asarray(_nhwc(fs), jnp.float32),
+                                jnp.asarray(ls), jnp.asarray(pred),
+                                jnp.asarray(_nhwc(fs), jnp.float32), jnp.asarray(ls))
+    expected = np_warmup_source_centres([(fs, ls, expected_pred)], K)
+    for c in range(4):
+      np.testing.assert_allclose(np.asarray(banks.source)[c], expected[c], rtol=1e-5,
+                                 atol=1e-6)
+
+
 def test_head_is_frozen_unless_train_head():
   """The code never optimises its head (optax set_to_zero); train_head=True trains it."""
   for train_head, frozen in ((False, True), (True, False)):
@@ -294,7 +420,9 @@ def test_style_stage_builds_the_adain_trainer_and_bad_switches_fail():
   config.method.stage = "style"
   assert isinstance(methods.build(config), cfcontra.AdaINTraining)
   for key, value, match in (("stage", "both", "stage"), ("contrast.terms", "cross", "terms"),
-                            ("contrast.bank_update", "pixel", "bank_update")):
+                            ("contrast.bank_update", "pixel", "bank_update"),
+                            ("contrast.bank_gradients", "end", "bank_gradients"),
+                            ("contrast.source_centres", "all", "source_centres")):
     bad = toy.get_config("method=cfcontra,tiny=1")
     node, leaf = (bad.method.contrast, key.split(".")[1]) if "." in key else (bad.method, key)
     node[leaf] = value
