@@ -20,6 +20,7 @@ Arguments (`:key=value,...`): method (default confeti: the whole pipeline, as gt
 stage (all | 0 | 1 | 2), classes (19 | 16), crop (512 | 640), eval (full | 1280), rcs (1 | 0).
 """
 
+from confeti_jax.data import labels
 from configs import common, gta2cs
 
 
@@ -37,4 +38,15 @@ def get_config(arg=None):
   config.data.source.scale = (1280, 760)
   config.data.target.kind = "cityscapes"
   config.data.target.scale = (1280, 640)
+  remap_thing_classes(config)
   return gta2cs.apply_protocol(config, args)
+
+
+def remap_thing_classes(config):
+  """The feature distance's thing classes, given as 19-class trainIds, in the head's ids:
+  with 16 classes person is 10, not 11, and truck / train do not exist."""
+  if "fd_classes" not in config.method:
+    return
+  table = labels.class_set(config.class_set)[2]
+  config.method.fd_classes = tuple(int(table[c]) for c in config.method.fd_classes
+                                   if table[c] != labels.IGNORE_INDEX)
