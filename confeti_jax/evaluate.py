@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from confeti_jax import augment, checkpoint, methods, sharding
+from confeti_jax import augment, best_snapshot, checkpoint, methods, sharding
 from confeti_jax.data import labels, pipeline
 
 IGNORE_INDEX = 255
@@ -316,6 +316,13 @@ def write_results(workdir, result, *, step, model, dataset, num_images, prefix="
   return record
 
 
+def write_best(workdir, record, snapshot, prefix="eval"):
+  """<workdir>/<prefix>/best.json: the report of the best evaluation so far, plus the
+  folder of its saved weights (best_snapshot.py). Process 0 only."""
+  text = json.dumps(dict(record, snapshot=snapshot), indent=2, allow_nan=False) + "\n"
+  _write_atomic(os.path.join(workdir, prefix, "best.json"), text)
+
+
 def _fmt(value):
   return "-" if value is None else f"{value:.2f}"
 
@@ -360,9 +367,13 @@ class Evaluator:
     cm, num_images = evaluate_batches(self._step, variables, global_batches)
     result = summarize(cm, self.class_names, subsets=self.subsets)
     name = pipeline.dataset_name(self.config, self.dataset)
+    record = None
     if jax.process_index() == 0:
-      write_results(self.workdir, result, step=int(step), model=self.method.model_name,
-                    dataset=name, num_images=num_images, prefix=self.prefix)
+      record = write_results(self.workdir, result, step=int(step), model=self.method.model_name,
+                             dataset=name, num_images=num_images, prefix=self.prefix)
+    snapshot = best_snapshot.keep_if_best(self.workdir, self.prefix, step, result, variables)
+    if snapshot and record is not None:
+      write_best(self.workdir, record, snapshot, prefix=self.prefix)
     logging.info("eval step %d on %s (%d images): mIoU %.2f", step, name, num_images,
                  result["miou"] if result["miou"] is not None else float("nan"))
     return result

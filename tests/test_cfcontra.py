@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from confeti_jax import losses, methods, train
+from confeti_jax import best_snapshot, losses, methods, train
 from confeti_jax import prototypes as protos
 from confeti_jax import state as state_lib
 from confeti_jax.methods import cfcontra
@@ -460,4 +460,13 @@ def test_end_to_end_three_steps(tmp_path):
   norms = np.linalg.norm(np.asarray(state.banks.source), axis=-1)
   np.testing.assert_allclose(norms[norms > 0], 1.0, rtol=1e-5)
   with open(os.path.join(workdir, "eval", "latest.json")) as f:
-    assert json.load(f)["step"] == 3
+    latest = json.load(f)
+  assert latest["step"] == 3
+  # The one evaluation is the best so far: best.json and best/3 hold what was evaluated.
+  abstract = jax.eval_shape(method.inference_variables, state)
+  best, record = best_snapshot.restore(workdir, jax.tree.map(
+      lambda a, b: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=b.sharding), abstract,
+      method.inference_variables(state)))
+  assert (record["step"], record["miou"]) == (3, latest["miou"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(best),
+               jax.device_get(method.inference_variables(state)))
