@@ -18,6 +18,19 @@ Ablations (paper Tables 3, 4, 6): MinEnt + AdaIN = `--config.method.contrast.ena
 on the stylised source; MinEnt + contrast = this config on the original GTA5 folder;
 `--config.method.contrast.terms=intra`; `--config.method.contrast.head=none|linear|byol|
 simclr`; the paper's per-domain bank update `--config.method.contrast.bank_update=domain`.
+
+Where the paper reads differently from the code (defaults: the code):
+  --config.method.contrast.bank_gradients=start   # all four terms' gradients against the
+                                                   # start-of-step banks (code: in place)
+  --config.method.contrast.source_centres=labelled  # Eq. 9: all labelled source pixels
+                                                   # (code: labelled and predicted c)
+  --config.data.source.keep_ratio=False --config.data.source.scale='(1280,640)'
+                                                   # GTA5 squashed to 1280x640, as the code
+                                                   # resizes (here by default: aspect kept,
+                                                   # 1280x704, a 640-row window)
+Every evaluation (each 2000 steps) that beats the best so far keeps its weights in
+<workdir>/best/<step> and its report in eval/best.json: the papers report the best
+snapshot (confeti_jax/best_snapshot.py).
 """
 
 from configs import common, minent_gta2cs

@@ -46,10 +46,12 @@ def base_config():
   c.data = ml_collections.ConfigDict()
   # format 'folder' reads the dataset's own layout at `root`; 'tfds' reads the ArrayRecord
   # copy under `tfds_dir` (scripts/prepare_data.py --tfds_dir).
+  # keep_ratio=False squashes each training image into `scale` (CFContra's 1280x640 GTA5).
   c.data.source = ml_collections.ConfigDict(dict(
-      kind="gta5", root="", scale=(1280, 720), format="folder", tfds_dir=""))
+      kind="gta5", root="", scale=(1280, 720), keep_ratio=True, format="folder", tfds_dir=""))
   c.data.target = ml_collections.ConfigDict(dict(
-      kind="cityscapes", root="", scale=(1280, 640), format="folder", tfds_dir=""))
+      kind="cityscapes", root="", scale=(1280, 640), keep_ratio=True, format="folder",
+      tfds_dir=""))
   c.data.check_sizes = True  # read every PNG header at start-up (image/label sizes agree)
   # Rare-class sampling (spec §2.4); statistics from scripts/prepare_data.py, read from
   # `stats_dir` (default: the source root).

@@ -196,6 +196,30 @@ def test_pseudo_label_stats():
                              [2 / 3, 3 / 4, 2 / 4])
 
 
+def test_squashed_resize_fills_the_frame_as_the_code_does():
+  """data.source.keep_ratio=False: GTA5 frames go to exactly 1280x640 (no crop left to
+  take), as the code's fixed-size PIL resize; the default keeps the 16:9 aspect."""
+  from PIL import Image
+
+  from confeti_jax.data import pipeline
+  assert pipeline.squash_size(1052, 1914, (1280, 640)) == (640, 1280)
+  assert pipeline.squash_size(1914, 1052, (1280, 640)) == (1280, 640)  # portrait
+  assert pipeline.keep_ratio_size(1052, 1914, (1280, 640)) == (640, 1164)
+  rng = np.random.default_rng(7)
+  image = rng.integers(0, 256, size=(53, 96, 3), dtype=np.uint8)  # GTA5's aspect
+  label = rng.integers(0, 19, size=(53, 96), dtype=np.uint8)
+  sample = {"image": image, "label": label}
+  squash = pipeline.TrainTransform((64, 32), (32, 64), 1.0, 0.0, keep_ratio=False)
+  out = squash.random_map(sample, np.random.default_rng(0))
+  np.testing.assert_array_equal(
+      out["image"], np.asarray(Image.fromarray(image).resize((64, 32), Image.BILINEAR)))
+  np.testing.assert_array_equal(
+      out["label"], np.asarray(Image.fromarray(label).resize((64, 32), Image.NEAREST)))
+  kept = pipeline.TrainTransform((64, 32), (32, 64), 1.0, 0.0).random_map(
+      sample, np.random.default_rng(0))
+  assert (kept["label"][:, -6:] == 255).all()  # 32x58 padded: the aspect was kept
+
+
 # -- heads ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,names", [
     ("none", set()), ("linear", {"fc1"}), ("moco", {"fc1", "fc2"}),

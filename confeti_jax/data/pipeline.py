@@ -67,6 +67,22 @@ def resize_keep_ratio(image, label, scale):
   return resize_image(image, size), resize_label(label, size)
 
 
+def squash_size(height, width, scale):
+  """(new_h, new_w) with the long side max(scale) and the short side min(scale): the
+  aspect ratio is not kept (the CFContra / ADVENT code's PIL resize to a fixed size,
+  which squashes GTA5's 1914x1052 into 1280x640)."""
+  long_edge, short_edge = max(scale), min(scale)
+  return (short_edge, long_edge) if width >= height else (long_edge, short_edge)
+
+
+def resize_train(image, label, scale, keep_ratio=True):
+  """A training sample resized into `scale`: keep-ratio (mmcv) or squashed."""
+  if keep_ratio:
+    return resize_keep_ratio(image, label, scale)
+  size = squash_size(image.shape[0], image.shape[1], scale)
+  return resize_image(image, size), resize_label(label, size)
+
+
 def _crop_box(shape, crop_size, rng):
   margin_h = max(shape[0] - crop_size[0], 0)
   margin_w = max(shape[1] - crop_size[1], 0)
@@ -112,8 +128,9 @@ def random_flip(image, label, rng, prob=0.5):
 class TrainTransform(grain.transforms.RandomMap):
   """Resize -> crop -> flip of one {"image", "label"} sample (picklable for workers)."""
 
-  def __init__(self, scale, crop_size, cat_max_ratio, flip_prob):
+  def __init__(self, scale, crop_size, cat_max_ratio, flip_prob, keep_ratio=True):
     self.scale = tuple(int(s) for s in scale) if scale else None
+    self.keep_ratio = bool(keep_ratio)
     self.crop_size = tuple(int(s) for s in crop_size)
     self.cat_max_ratio = float(cat_max_ratio)
     self.flip_prob = float(flip_prob)
@@ -121,7 +138,7 @@ class TrainTransform(grain.transforms.RandomMap):
   def random_map(self, element, rng):
     image, label = element["image"], element["label"]
     if self.scale:
-      image, label = resize_keep_ratio(image, label, self.scale)
+      image, label = resize_train(image, label, self.scale, self.keep_ratio)
     image, label = random_crop(image, label, self.crop_size, rng, self.cat_max_ratio)
     image, label = random_flip(image, label, rng, self.flip_prob)
     # Other keys (e.g. SkipCorrupt's "skipped" count) ride along unchanged.
@@ -134,7 +151,7 @@ class TrainTransform(grain.transforms.RandomMap):
 
 
 def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_size, seed,
-                  num_workers=0, shard_index=0, shard_count=1, samples=None):
+                  num_workers=0, shard_index=0, shard_count=1, samples=None, keep_ratio=True):
   """Infinite grain IterDataset of {"image": uint8 [B,h,w,3], "label": uint8 [B,h,w]}.
 
   Shuffled anew each epoch from `seed`; augmentation keyed by (seed, position), so
@@ -144,6 +161,7 @@ def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_s
   in process order, are exactly the global batch one process would read, so a run's
   data does not depend on how many hosts it is spread over. `samples`, an infinite
   MapDataset of transformed samples (rare-class sampling), replaces the shuffled epochs.
+  `keep_ratio=False` squashes each image into `scale` instead of keeping its aspect.
   """
   if len(source) == 0:
     raise DatasetError(f"{source!r} is empty; nothing to train on.")
@@ -151,7 +169,7 @@ def train_dataset(source, *, scale, crop_size, cat_max_ratio, flip_prob, batch_s
     ds = samples
   else:
     ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(None)
-    ds = ds.random_map(TrainTransform(scale, crop_size, cat_max_ratio, flip_prob))
+    ds = ds.random_map(TrainTransform(scale, crop_size, cat_max_ratio, flip_prob, keep_ratio))
   # Consecutive local batches of the stream are the slices of one global batch, so
   # process k reads local batches k, k + n, k + 2n, ... (lazily: only those are decoded).
   ds = ds.batch(int(batch_size), drop_remainder=True)
@@ -247,11 +265,14 @@ def make_train_iterators(config, *, process_index=0, process_count=1):
         src, rcs_cfg, kind=data.source.kind, stats_dir=stats_dir,
         remap=labels_lib.class_set(class_set)[2], scale=data.source.scale,
         crop_size=tuple(data.crop_size), cat_max_ratio=data.cat_max_ratio,
-        flip_prob=float(data.flip_prob), seed=int(config.seed))
+        flip_prob=float(data.flip_prob), seed=int(config.seed),
+        keep_ratio=bool(data.source.keep_ratio))
   src_ds = train_dataset(src, scale=data.source.scale, cat_max_ratio=data.cat_max_ratio,
-                         seed=int(config.seed), samples=samples, **common)
+                         seed=int(config.seed), samples=samples,
+                         keep_ratio=bool(data.source.keep_ratio), **common)
   tgt_ds = train_dataset(tgt, scale=data.target.scale, cat_max_ratio=1.0,
-                         seed=int(config.seed) + 1, **common)
+                         seed=int(config.seed) + 1, keep_ratio=bool(data.target.keep_ratio),
+                         **common)
   return iter(src_ds), iter(tgt_ds)
 
 

@@ -123,7 +123,7 @@ class RareClassSample(grain.transforms.RandomMap):
   """Ignores its input index: draws a class, an image holding it, and a crop showing it."""
 
   def __init__(self, source, classes, probs, files, *, scale, crop_size, cat_max_ratio,
-               flip_prob, min_pixels, min_crop_ratio):
+               flip_prob, min_pixels, min_crop_ratio, keep_ratio=True):
     from confeti_jax.data import pipeline  # the shared per-sample transforms
 
     self.source = source
@@ -132,6 +132,7 @@ class RareClassSample(grain.transforms.RandomMap):
     self.files = [np.asarray(f, np.int64) for f in files]
     self.transform = pipeline.TrainTransform(None, crop_size, cat_max_ratio, flip_prob)
     self.scale = tuple(int(s) for s in scale) if scale else None
+    self.keep_ratio = bool(keep_ratio)
     self.min_crop_pixels = float(min_pixels) * float(min_crop_ratio)
 
   def random_map(self, element, rng):
@@ -144,7 +145,7 @@ class RareClassSample(grain.transforms.RandomMap):
     sample = self.source[index]
     image, label = sample["image"], sample["label"]
     if self.scale:
-      image, label = pipeline.resize_keep_ratio(image, label, self.scale)
+      image, label = pipeline.resize_train(image, label, self.scale, self.keep_ratio)
     resized = dict(sample, image=image, label=label)
     out = self.transform.random_map(resized, rng)
     if self.min_crop_pixels > 0:
@@ -157,7 +158,7 @@ class RareClassSample(grain.transforms.RandomMap):
 
 
 def rcs_dataset(source, rcs_cfg, *, kind, stats_dir, remap, scale, crop_size, cat_max_ratio,
-                flip_prob, seed):
+                flip_prob, seed, keep_ratio=True):
   """Infinite grain MapDataset of rare-class-sampled source crops (before batching)."""
   stats, samples = load_stats(stats_dir, kind)
   classes, probs = class_probabilities(stats, rcs_cfg.temperature, remap)
@@ -165,5 +166,5 @@ def rcs_dataset(source, rcs_cfg, *, kind, stats_dir, remap, scale, crop_size, ca
   sampler = RareClassSample(
       source, classes, probs, files, scale=scale, crop_size=crop_size,
       cat_max_ratio=cat_max_ratio, flip_prob=flip_prob, min_pixels=int(rcs_cfg.min_pixels),
-      min_crop_ratio=float(rcs_cfg.min_crop_ratio))
+      min_crop_ratio=float(rcs_cfg.min_crop_ratio), keep_ratio=keep_ratio)
   return grain.MapDataset.range(len(source)).repeat(None).seed(int(seed)).random_map(sampler)
