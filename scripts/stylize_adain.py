@@ -1,4 +1,4 @@
-"""Writes an AdaIN-stylised copy of a GTA5-layout source set (CFContra's offline style step).
+"""Writes an AdaIN-stylised copy of a GTA5 or Cityscapes set (CFContra's offline style step).
 
 The official pre-generation script stylises every GTA5 image with 4 style images
 drawn at random and interpolated with equal weights, alpha 1, content and styles
@@ -6,12 +6,17 @@ resized to 1024x2048 (peers.md §5). This does the same with the JAX AdaIN: the
 encoder and decoder come from an AdaIN stage run (`--adain_workdir`, its latest
 checkpoint) or from converted PyTorch files (`--vgg`, `--decoder`, .npz written by
 scripts/convert_weights.py). Each output is resized back to its image's original
-size and saved as <out_root>/images/<name>.png; labels are linked (or copied), so
-the result is a GTA5-layout folder to pass as --config.data.source.root.
+size and saved at its path relative to the content root (images/<name>.png for GTA5,
+leftImg8bit/<split>/<city>/<name> for Cityscapes); labels are linked (or copied), so
+the result is a folder of the same layout, to pass as --config.data.source.root (or
+.target.root for stylised Cityscapes: the paper's Figure 2 stylises target images too).
 
   python scripts/stylize_adain.py --adain_workdir=workdirs/adain \
       --content_root=/data/gta5 --style_dir=/data/cityscapes/leftImg8bit/train \
       --out_root=/data/gta5_adain [--shard_index=0 --shard_count=4]
+  python scripts/stylize_adain.py --adain_workdir=workdirs/adain --layout=cityscapes \
+      --content_root=/data/cityscapes --style_dir=/data/gta5/images \
+      --out_root=/data/cityscapes_adain      # the train split; --split=val for val
 
 Style draws are keyed by (seed, image index), so shards and reruns agree; existing
 outputs are skipped, so an interrupted run resumes.
@@ -32,9 +37,13 @@ _VGG = flags.DEFINE_string("vgg", None, ".npz of vgg_normalised.pth (with --deco
 _DECODER = flags.DEFINE_string("decoder", None, ".npz of a pytorch-AdaIN decoder.pth.")
 _VGG_PADDING = flags.DEFINE_enum("vgg_padding", "reflect", ["reflect", "zeros"],
                                  "Encoder layout: 'zeros' for torchvision VGG-19 weights.")
-_CONTENT = flags.DEFINE_string("content_root", None, "GTA5-layout folder (images/, labels/).")
+_CONTENT = flags.DEFINE_string("content_root", None, "Folder of the --layout to stylise.")
+_LAYOUT = flags.DEFINE_enum("layout", "gta5", ["gta5", "cityscapes"],
+                            "Layout of --content_root: gta5 (images/, labels/) or cityscapes "
+                            "(leftImg8bit/<split>/, gtFine/<split>/).")
+_SPLIT = flags.DEFINE_string("split", "train", "Cityscapes split to stylise (layout=cityscapes).")
 _STYLES = flags.DEFINE_string("style_dir", None, "Folder searched for .png/.jpg style images.")
-_OUT = flags.DEFINE_string("out_root", None, "Output folder (GTA5 layout).")
+_OUT = flags.DEFINE_string("out_root", None, "Output folder (the same layout).")
 _NUM_STYLES = flags.DEFINE_integer("num_styles", 4, "Style images interpolated per image.")
 _ALPHA = flags.DEFINE_float("alpha", 1.0, "Style strength in [0, 1].")
 _SIZE = flags.DEFINE_list("content_size", ["1024", "2048"], "H,W the images are stylised at.")
@@ -87,27 +96,39 @@ def read_resized(path, size):
   return np.asarray(im, np.float32) / 255.0
 
 
+def content_source(content_root, layout="gta5", split="train"):
+  """The paired-file source of `content_root`: validates the layout, pairs the labels."""
+  from confeti_jax.data import sources
+
+  if layout == "gta5":
+    return sources.GTA5Source(content_root)
+  if layout == "cityscapes":
+    return sources.CityscapesSource(content_root, split)
+  raise ValueError(f"layout={layout!r}; use 'gta5' or 'cityscapes'.")
+
+
 def stylize_folder(networks, content_root, style_dir, out_root, *, num_styles=4, alpha=1.0,
-                   size=(1024, 2048), seed=0, shard_index=0, shard_count=1, limit=0):
+                   size=(1024, 2048), seed=0, shard_index=0, shard_count=1, limit=0,
+                   layout="gta5", split="train"):
   """Stylises this shard's images of `content_root` into `out_root`; returns how many."""
   import jax
 
-  from confeti_jax.data import sources
   from confeti_jax.models import adain
   from confeti_jax.stylize import link_or_copy, save_png, to_uint8
 
-  source = sources.GTA5Source(content_root)  # validates the layout and pairs the labels
+  source = content_source(content_root, layout, split)
   styles = find_images(style_dir)
   encoder, decoder, enc_params, dec_params = networks
   run = jax.jit(functools.partial(adain.stylize, encoder, decoder, alpha=alpha))
-  for sub in ("images", "labels"):
-    os.makedirs(os.path.join(out_root, sub), exist_ok=True)
+  mirror = lambda path: os.path.join(out_root, os.path.relpath(path, content_root))
   count = len(source) if limit <= 0 else min(limit, len(source))
   written = 0
   for index in range(shard_index, count, shard_count):
     image_path, label_path = source.image_paths[index], source.label_paths[index]
-    out_path = os.path.join(out_root, "images", os.path.basename(image_path))
-    link_or_copy(label_path, os.path.join(out_root, "labels", os.path.basename(label_path)))
+    out_path = mirror(image_path)
+    for path in (out_path, mirror(label_path)):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+    link_or_copy(label_path, mirror(label_path))
     if os.path.exists(out_path):
       continue
     rng = np.random.default_rng([seed, index])
@@ -135,7 +156,7 @@ def main(argv):
                      num_styles=_NUM_STYLES.value, alpha=_ALPHA.value,
                      size=tuple(int(s) for s in _SIZE.value), seed=_SEED.value,
                      shard_index=_SHARD_INDEX.value, shard_count=_SHARD_COUNT.value,
-                     limit=_LIMIT.value)
+                     limit=_LIMIT.value, layout=_LAYOUT.value, split=_SPLIT.value)
   logging.info("Wrote %d stylised images to %s", n, _OUT.value)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from confeti_jax import methods, train, weights
-from confeti_jax.data import pipeline
+from confeti_jax.data import pipeline, sources
 from confeti_jax.models import adain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,3 +296,18 @@ def test_style_stage_trains_then_the_script_stylises(tmp_path):
   assert len(os.listdir(os.path.join(out, "labels"))) == 3
   assert stylize_adain.stylize_folder(networks, content_root, style_dir, out, num_styles=2,
                                       size=(32, 64), limit=3) == 0  # resumes: all done
+  # Target images in the Cityscapes layout, styles from the source: a folder that
+  # CityscapesSource reads, each image at its original size and path, labels linked.
+  target_root, out_t = roots["target"], str(tmp_path / "stylised_cs")
+  assert stylize_adain.stylize_folder(networks, target_root, os.path.join(content_root, "images"),
+                                      out_t, num_styles=2, size=(32, 64), limit=2,
+                                      layout="cityscapes") == 2
+  original, stylised = sources.CityscapesSource(target_root, "train"), sources.CityscapesSource(
+      out_t, "train")
+  assert len(stylised) == 2
+  for k in range(2):
+    assert (os.path.relpath(stylised.image_paths[k], out_t)
+            == os.path.relpath(original.image_paths[k], target_root))
+    a, b = stylised[k], original[k]
+    assert a["image"].shape == b["image"].shape and not np.array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
