@@ -266,13 +266,13 @@ def make_train_iterators(config, *, process_index=0, process_count=1):
         remap=labels_lib.class_set(class_set)[2], scale=data.source.scale,
         crop_size=tuple(data.crop_size), cat_max_ratio=data.cat_max_ratio,
         flip_prob=float(data.flip_prob), seed=int(config.seed),
-        keep_ratio=bool(data.source.keep_ratio))
+        keep_ratio=bool(data.source.get("keep_ratio", True)))
   src_ds = train_dataset(src, scale=data.source.scale, cat_max_ratio=data.cat_max_ratio,
                          seed=int(config.seed), samples=samples,
-                         keep_ratio=bool(data.source.keep_ratio), **common)
+                         keep_ratio=bool(data.source.get("keep_ratio", True)), **common)
   tgt_ds = train_dataset(tgt, scale=data.target.scale, cat_max_ratio=1.0,
-                         seed=int(config.seed) + 1, keep_ratio=bool(data.target.keep_ratio),
-                         **common)
+                         seed=int(config.seed) + 1,
+                         keep_ratio=bool(data.target.get("keep_ratio", True)), **common)
   return iter(src_ds), iter(tgt_ds)
 
 
