@@ -24,10 +24,9 @@ Where the paper reads differently from the code (defaults: the code):
                                                    # start-of-step banks (code: in place)
   --config.method.contrast.source_centres=labelled  # Eq. 9: all labelled source pixels
                                                    # (code: labelled and predicted c)
-  --config.data.source.keep_ratio=False --config.data.source.scale='(1280,640)'
-                                                   # GTA5 squashed to 1280x640, as the code
-                                                   # resizes (here by default: aspect kept,
-                                                   # 1280x704, a 640-row window)
+GTA5 is squashed to 1280x640 as in the code and the paper (inherited from
+minent_gta2cs); `--config.data.source.keep_ratio=True --config.data.source.scale='(1280,720)'`
+keeps the aspect (1280x704, a 640-row window).
 Every evaluation (each 2000 steps) that beats the best so far keeps its weights in
 <workdir>/best/<step> and its report in eval/best.json: the papers report the best
 snapshot (confeti_jax/best_snapshot.py).

@@ -21,10 +21,10 @@ Network: the project's DeepLabV2 on ResNet-101 V1c (deep stem, ImageNet weights 
 open-mmlab) with ADVENT's layer3 head; ADVENT itself uses a torchvision-style 7x7-stem
 ResNet-101 with Caffe preprocessing (BGR, mean only), which these weights do not fit.
 
-Resolution: the code squashes GTA5's 1914x1052 frames to 1280x640 (16:9 -> 2:1). The
-pipeline here resizes keeping the aspect ratio, so GTA5 goes to 1280x704 (scale
-(1280, 720)) and a random 640x1280 window is taken (no padding, the same horizontal
-scale as the code, 91% of the height); Cityscapes goes to exactly 1280x640.
+Resolution: as the code, GTA5's 1914x1052 frames are squashed to 1280x640 (16:9 -> 2:1,
+`data.source.keep_ratio=False`) and Cityscapes goes to 1280x640; the whole image is the
+crop. `--config.data.source.keep_ratio=True --config.data.source.scale='(1280,720)'`
+keeps GTA5's aspect instead (1280x704, a random 640x1280 window).
 """
 
 from configs import common
@@ -36,7 +36,8 @@ def get_config(arg=None):
   config.seed = 1234  # ADVENT / CFContra RANDOM_SEED
   config.method = common.method_config("minent")
 
-  config.data.source.scale = (1280, 720)
+  config.data.source.scale = (1280, 640)
+  config.data.source.keep_ratio = False  # the code resizes to a fixed size
   config.data.target.scale = (1280, 640)
   config.data.crop_size = (640, 1280)
   config.data.cat_max_ratio = 1.0  # no class-balance check: the code takes no crops

@@ -66,3 +66,20 @@ def test_overrides_reach_nested_keys():
 def test_unknown_config_argument_is_an_error():
   with pytest.raises(ValueError, match="metod"):
     _exec(os.path.join(ROOT, "configs", "toy.py") + ":metod=dacs")
+
+
+@pytest.mark.parametrize("name", ["minent_gta2cs.py", "cfcontra_gta2cs.py"])
+def test_advent_family_squashes_gta5_to_the_crop(name):
+  """MinEnt / CFContra resize GTA5's 1914x1052 to exactly 1280x640 (aspect not kept),
+  and the crop is the whole resized image, as the CFContra / ADVENT code does."""
+  import numpy as np
+
+  from confeti_jax.data import pipeline
+  config = _exec(os.path.join(ROOT, "configs", name))
+  assert config.data.source.keep_ratio is False
+  transform = pipeline.TrainTransform(config.data.source.scale, config.data.crop_size,
+                                      1.0, 0.0, config.data.source.keep_ratio)
+  image = np.zeros((1052, 1914, 3), np.uint8)
+  label = np.zeros((1052, 1914), np.uint8)
+  resized, _ = pipeline.resize_train(image, label, transform.scale, transform.keep_ratio)
+  assert resized.shape[:2] == (640, 1280) == tuple(config.data.crop_size)
