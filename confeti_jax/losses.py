@@ -89,10 +89,7 @@ def masked_feature_distance(f1, f2, mask=None):
   would stop on), and the gradient of the norm at a zero difference is 0 (as torch's
   `norm` backward), where a plain sqrt would give NaN.
   """
-  diff = f1.astype(jnp.float32) - f2.astype(jnp.float32)
-  sq = jnp.sum(jnp.square(diff), axis=-1)
-  positive = sq > 0
-  dist = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  dist = safe_norm(f1.astype(jnp.float32) - f2.astype(jnp.float32), keepdims=False)
   if mask is None:
     return jnp.mean(dist)
   count = jnp.sum(mask)
@@ -139,8 +136,22 @@ def cam_bce(scores, labels, num_classes, *, ignore_index=IGNORE_INDEX):
   return jnp.mean(loss)
 
 
-def _unit_rows(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def safe_norm(x, axis=-1, keepdims=True):
+  """||x|| along `axis` whose gradient at the zero vector is 0, as torch's `norm` backward.
+
+  `jnp.linalg.norm` differentiates sqrt at 0 into 0/0 = NaN, and 0 * NaN is NaN: a
+  single all-zero row anywhere in a batch (a masked-out pixel, a class never seen)
+  then turns the whole gradient into NaN, even where the row's loss weight is 0.
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+  """torch F.normalize: x / max(||x||, eps), forward and gradient (a zero row stays 0;
+  its gradient is the incoming one / eps, finite, where jnp.linalg.norm gives NaN)."""
+  return x / jnp.maximum(safe_norm(x, axis=axis), eps)
 
 
 def sample_pixels(key, valid, num_samples):
@@ -175,7 +186,7 @@ def prototype_contrast(key, features, labels, protos, *, temperature, num_sample
   v = features.astype(jnp.float32).reshape(-1, d)
   y = labels.reshape(-1).astype(jnp.int32)
   index, keep = sample_pixels(key, y != ignore_index, num_samples)
-  v = _unit_rows(v[index])
+  v = l2_normalize(v[index])
   logits = jnp.matmul(v, jax.lax.stop_gradient(protos).T,
                       precision=jax.lax.Precision.HIGHEST) / temperature
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
@@ -202,7 +213,7 @@ def prototype_regularizer(features, labels, protos, *, temperature, variant="cod
   if variant not in REG_VARIANTS:
     raise ValueError(f"regulariser variant {variant!r}; use one of {REG_VARIANTS}.")
   d = features.shape[-1]
-  v = _unit_rows(features.astype(jnp.float32).reshape(-1, d))
+  v = l2_normalize(features.astype(jnp.float32).reshape(-1, d))
   valid = (labels.reshape(-1) != ignore_index).astype(jnp.float32)
   mean = jnp.sum(v * valid[:, None], axis=0) / jnp.maximum(jnp.sum(valid), 1.0)
   logits = jnp.matmul(mean, jax.lax.stop_gradient(protos).T,
@@ -289,7 +300,7 @@ def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_
     float32 scalar; 0 when no pixel is labelled (the reference would give NaN).
   """
   z = features.astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  z = l2_normalize(z)
   bank = jax.lax.stop_gradient(bank.astype(jnp.float32))
   if backward_bank is None:
     logits = jnp.matmul(z, bank.T, precision=jax.lax.Precision.HIGHEST) / temperature

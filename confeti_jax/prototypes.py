@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from confeti_jax import losses
+
 IGNORE_INDEX = 255
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -52,11 +54,6 @@ class Banks:
     z, c = jnp.zeros((num_classes, dim), jnp.float32), jnp.zeros((num_classes,), jnp.float32)
     return cls(source=z, target=z, source_sum=z, source_count=c, target_sum=z,
                target_count=c)
-
-
-def l2_normalize(x, axis=-1, eps=1e-12):
-  """torch F.normalize: x / max(|x|, eps), so a zero vector stays zero."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def image_class_means(features, labels, num_classes):
@@ -90,7 +87,7 @@ def batch_centres(features, labels, num_classes):
   Eq. 14-15 per-class batch mean. Absent classes give a zero row.
   """
   means, _ = image_class_means(features, labels, num_classes)
-  return l2_normalize(jnp.mean(means, axis=0))
+  return losses.l2_normalize(jnp.mean(means, axis=0))
 
 
 def momentum_update(bank, centres, momentum):
@@ -100,7 +97,7 @@ def momentum_update(bank, centres, momentum):
   `centres` therefore rescales c by `momentum` and the renormalisation restores it.
   """
   new = momentum * bank + (1.0 - momentum) * centres
-  norm = jnp.linalg.norm(new, axis=-1, keepdims=True)
+  norm = losses.safe_norm(new)
   return jnp.where(norm != 0, new / jnp.where(norm != 0, norm, 1.0), new)
 
 
@@ -155,7 +152,7 @@ def finalize(total, count):
   A class never seen in the warm-up gets a zero row (the reference asserts that all K
   appear); the first momentum update then sets it to that class's batch centre.
   """
-  return l2_normalize(total / jnp.maximum(count, 1.0)[:, None])
+  return losses.l2_normalize(total / jnp.maximum(count, 1.0)[:, None])
 
 
 def correctly_predicted(labels, predictions, ignore_index=IGNORE_INDEX):
@@ -273,7 +270,7 @@ def cam_weighted_class_means(features, labels, weights, eligible, *, num_classes
   feats = gather_upsampled(features, index, (h_out, w_out))           # [K, n, D]
   weight_sums = jnp.sum(top_w, axis=1)
   sums = jnp.einsum("kn,knd->kd", top_w, feats, precision=_HIGHEST)
-  means = l2_normalize(sums / jnp.where(weight_sums > 0, weight_sums, 1.0)[:, None])
+  means = losses.l2_normalize(sums / jnp.where(weight_sums > 0, weight_sums, 1.0)[:, None])
   return means, jnp.sum(selected, axis=1).astype(jnp.float32), weight_sums
 
 
@@ -293,4 +290,4 @@ def update_prototypes(protos, means, n_selected, weight_sums, *, momentum):
   blended = jnp.where((counts_before == 0)[:, None], means,
                       (1.0 - rate) * protos.protos + rate * means)
   new = jnp.where(update[:, None], blended, protos.protos)
-  return Prototypes(protos=l2_normalize(new), counts=counts)
+  return Prototypes(protos=losses.l2_normalize(new), counts=counts)

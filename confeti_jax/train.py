@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from confeti_jax import checkpoint, evaluate, methods, sharding, writer
+from confeti_jax import checkpoint, evaluate, finite, methods, sharding, writer
 from confeti_jax.data import pipeline
 
 # Keys whose change makes an existing checkpoint unusable for this config; the model's
@@ -92,7 +92,8 @@ def make_train_step(method, config, mesh, state_shardings):
 
   def step_fn(state, batch):
     key = jax.random.fold_in(base_key, state.step)
-    return method.train_step(state, batch, key)
+    new_state, metrics = method.train_step(state, batch, key)
+    return new_state, {**metrics, **finite.step_flags(new_state, metrics)}
 
   return jax.jit(
       step_fn,
@@ -248,8 +249,14 @@ def train_and_evaluate(config, workdir):
           # Host sync only here: averaged metrics since the last report.
           scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
           scalars["data_skipped_total"] = data_skipped_total()
-          summed, count = None, 0
-          metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
+          scalars, flags = finite.split(scalars)
+          window, summed, count = count, None, 0
+          try:
+            finite.check(flags, step)
+            metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
+          except writer.NonFiniteLossError as error:
+            raise writer.NonFiniteLossError(
+                f"{finite.describe(flags, step, window)} {error}") from None
         if eval_every > 0 and (step % eval_every == 0 or last):
           chrono.pause()
           evaluator.run(method.inference_variables(state), step)

@@ -64,6 +64,7 @@ def base_config():
   c.data.toy = ml_collections.ConfigDict(dict(
       enabled=False, cache_dir="", seed=0, shift=0.5,
       num_source=300, num_source_val=60, num_target=300, num_val=60,
+      classes=(),  # trainIds the scenes may hold; () = all (a partial-class benchmark)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -186,3 +186,30 @@ def test_preview_writes_a_grid(rendered, tmp_path):
   path = toy.preview(cfg, str(tmp_path / "preview.png"), num=2)
   with Image.open(path) as im:
     assert im.size == (642, 2 * 178 + 2 * 162)
+
+
+def test_class_subset_renders_only_those_classes():
+  """data.toy.classes: a benchmark where only some classes ever occur (others are
+  repainted as kept background), with the ignored ids (ego, static) untouched."""
+  from confeti_jax.data import labels as labels_lib
+  kept = (0, 2, 8, 10, 13)
+  seen = set()
+  for index in range(6):
+    _, label = toy.render_sample(0, 2, index, "camera", toy.TARGET_SIZE, 0.5, kept)
+    train_ids = labels_lib.map_ids(label, labels_lib.CITYSCAPES_ID_TO_TRAIN)
+    seen |= set(np.unique(train_ids).tolist())
+    _, full = toy.render_sample(0, 2, index, "camera", toy.TARGET_SIZE, 0.5)
+    moved = labels_lib.map_ids(full, labels_lib.CITYSCAPES_ID_TO_TRAIN) != train_ids
+    assert not np.isin(train_ids[moved], [255]).any()
+  assert seen - {255} <= set(kept) and len(seen - {255}) >= 4
+
+
+def test_class_subset_is_part_of_the_cache_name_and_checked():
+  import ml_collections
+  base = dict(seed=0, num_source=1, num_source_val=1, num_target=1, num_val=1, shift=0.5,
+              cache_dir="/tmp/x")
+  full = toy.cache_folder(ml_collections.ConfigDict(dict(base, classes=())))
+  part = toy.cache_folder(ml_collections.ConfigDict(dict(base, classes=(0, 2))))
+  assert full != part
+  with pytest.raises(ValueError, match="data.toy.classes"):
+    toy.cache_folder(ml_collections.ConfigDict(dict(base, classes=(0, 19))))

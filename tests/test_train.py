@@ -175,12 +175,37 @@ def test_nan_stops_and_keeps_last_good_checkpoint(toy_cache, tmp_path, monkeypat
   monkeypatch.setattr(source_only.SourceOnly, "train_step", poisoned)
   workdir = str(tmp_path / "nan")
   config = tiny_config(toy_cache, **{"train.steps": 4, "eval.every_steps": 0})
-  with pytest.raises(writer.NonFiniteLossError, match="loss"):
+  with pytest.raises(writer.NonFiniteLossError, match="loss") as info:
     train.train_and_evaluate(config, workdir)
+  assert "First non-finite step: 3 (of 3-3); non-finite first: loss." in str(info.value)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [2]
   restored = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt_dir, "2", "state"))
   assert int(restored["step"]) == 2
+
+
+def test_nan_weights_with_finite_losses_stop_before_their_save(toy_cache, tmp_path,
+                                                                monkeypatch):
+  """A non-finite gradient: the losses of the step are finite, the updated student is
+  not. The guard names the student and fires at that step, before the step-4 save."""
+  original = source_only.SourceOnly.train_step
+
+  def poisoned(self, state, batch, key):
+    state, metrics = original(self, state, batch, key)
+    bad = lambda p: jax.numpy.where(state.step >= 4, jax.numpy.nan, p)
+    return state.replace(seg=state.seg.replace(params=jax.tree.map(bad, state.seg.params))), \
+        metrics
+
+  monkeypatch.setattr(source_only.SourceOnly, "train_step", poisoned)
+  workdir = str(tmp_path / "nan_weights")
+  config = tiny_config(toy_cache, **{"train.steps": 6, "eval.every_steps": 0})
+  with pytest.raises(writer.NonFiniteLossError) as info:
+    train.train_and_evaluate(config, workdir)
+  message = str(info.value)
+  assert "First non-finite step: 4" in message and "non-finite gradient" in message
+  assert "state:student" in message
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [2]
 
 
 def test_sigterm_saves_and_exits_cleanly(toy_cache, tmp_path):

@@ -335,10 +335,33 @@ def _paint(c, rng, domain, shift=1.0):
   return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_sample(seed, stream, index, domain, size, shift=1.0):
-  """(RGB uint8 image, uint8 labelId map) of one scene; pure in its arguments."""
+# Where a class is left out (`data.toy.classes`), its pixels become the first of these
+# that is kept: background stuff, so the scene stays a plausible street.
+_FALLBACKS = (BUILDING, VEG, ROAD, SKY, SIDEWALK, TERRAIN)
+
+
+def _keep_only(canvas, classes):
+  """Repaints every pixel of a class (trainId) not in `classes` as a kept background class.
+
+  A benchmark where only some classes ever occur (issue: CONFETI diverged on such a
+  target); ignored labelIds (ego vehicle, static) stay as they are.
+  """
+  kept_ids = [labels_lib.CITYSCAPES_TRAIN_LABEL_IDS[c] for c in classes]
+  drawn = np.isin(canvas.label, labels_lib.CITYSCAPES_TRAIN_LABEL_IDS)
+  dropped = drawn & ~np.isin(canvas.label, kept_ids)
+  fallback = next((f for f in _FALLBACKS if f in kept_ids), kept_ids[0])
+  canvas.fill(dropped, fallback)
+
+
+def render_sample(seed, stream, index, domain, size, shift=1.0, classes=()):
+  """(RGB uint8 image, uint8 labelId map) of one scene; pure in its arguments.
+
+  `classes`: trainIds the scene may hold (empty: every class the renderer draws).
+  """
   rng = np.random.default_rng([int(seed), int(stream), int(index)])
   canvas = _layout(rng, size[1], size[0])
+  if classes:
+    _keep_only(canvas, classes)
   return _paint(canvas, rng, domain, shift), canvas.label
 
 
@@ -353,7 +376,18 @@ def _params(toy_cfg):
   return dict(version=VERSION, seed=int(toy_cfg.seed), num_source=int(toy_cfg.num_source),
               num_source_val=int(toy_cfg.num_source_val), num_target=int(toy_cfg.num_target),
               num_val=int(toy_cfg.num_val), source_size=SOURCE_SIZE, target_size=TARGET_SIZE,
-              shift=float(toy_cfg.shift))
+              shift=float(toy_cfg.shift), **_class_param(toy_cfg))
+
+
+def _class_param(toy_cfg):
+  """{'classes': sorted trainIds} when a subset is asked for, else {} (so the folders of
+  full-class settings keep their names)."""
+  classes = tuple(sorted({int(c) for c in (toy_cfg.get("classes") or ())}))
+  bad = [c for c in classes if not 0 <= c < labels_lib.NUM_CLASSES]
+  if bad:
+    raise ValueError(f"data.toy.classes holds {bad}: trainIds are 0..{labels_lib.NUM_CLASSES - 1}"
+                     "; fix: pass e.g. --config.data.toy.classes='(0,1,2,8,10,11,13)'.")
+  return {"classes": list(classes)} if classes else {}
 
 
 def cache_folder(toy_cfg):
@@ -377,7 +411,8 @@ def _render_into(folder, params):
     for sub in ("images", "labels"):
       os.makedirs(os.path.join(folder, name, sub))
     for i in range(count):
-      image, label = render_sample(seed, stream, i, "game", SOURCE_SIZE)
+      image, label = render_sample(seed, stream, i, "game", SOURCE_SIZE,
+                                   classes=params.get("classes", ()))
       _save_png(image, os.path.join(folder, name, "images", f"{i:05d}.png"))
       _save_png(label, os.path.join(folder, name, "labels", f"{i:05d}.png"),
                 labels_lib.LABEL_ID_PALETTE)
@@ -387,7 +422,8 @@ def _render_into(folder, params):
     os.makedirs(image_dir)
     os.makedirs(label_dir)
     for i in range(count):
-      image, label = render_sample(seed, stream, i, "camera", TARGET_SIZE, params["shift"])
+      image, label = render_sample(seed, stream, i, "camera", TARGET_SIZE, params["shift"],
+                                   params.get("classes", ()))
       stem = f"{CITY}_{stream - 2:06d}_{i:06d}"
       _save_png(image, os.path.join(image_dir, f"{stem}_leftImg8bit.png"))
       _save_png(label, os.path.join(label_dir, f"{stem}_gtFine_labelIds.png"))

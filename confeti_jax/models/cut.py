@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from confeti_jax import losses
 from confeti_jax.weights import WeightsError
 
 # torch init.xavier_normal_(gain=0.02): std = gain * sqrt(2 / (fan_in + fan_out)).
@@ -272,13 +273,6 @@ def xavier_params(key, shapes):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _safe_norm(x):
-  """|x| over the last axis; at x = 0 its gradient is 0 where torch's would be NaN (a
-  zero vector after the MLP's ReLU, which only tiny test MLPs produce)."""
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-
-
 class PatchSampleMLP(nn.Module):
   """netF 'mlp_sample': taps + patch ids -> per tap [B * n, features] unit vectors.
 
@@ -299,7 +293,7 @@ class PatchSampleMLP(nn.Module):
                                     kernel_init=xavier_init, bias_init=nn.initializers.zeros,
                                     name=f"mlp_{i}_{name}")
       x = dense("fc2")(nn.relu(dense("fc1")(x))).astype(jnp.float32)
-      out.append(x / (_safe_norm(x) + 1e-7))
+      out.append(x / (losses.safe_norm(x) + 1e-7))
     return tuple(out)
 
 
