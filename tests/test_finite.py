@@ -99,3 +99,37 @@ def test_describe_calls_a_state_tree_alone_a_gradient():
   flags = {"loss": 0.5, "state:student": 1.0, "grad_norm": 0.5}
   text = finite.describe(flags, step=20, window=2)
   assert "step: 19" in text and "non-finite gradient" in text and "student" in text
+
+
+def test_dead_relu_pixel_through_the_bias_free_projection_keeps_weight_gradients_finite():
+  """The mechanism of the partial-class divergence: a pixel whose layer4 features are
+  all ReLU'd to 0 gives, through CONFETI's bias-free 1x1 `conv_proj`, an exactly zero
+  projection row. Its weight gradient is features^T . d(row) = 0 * (gradient at the
+  zero row): 0 in torch, 0 * NaN = NaN with jnp.linalg.norm, and the update then turns
+  every weight NaN at once. Checked on L_Reg + L_PCL against torch."""
+  rng = np.random.default_rng(5)
+  pre = rng.normal(size=(8, 6)).astype(np.float32)
+  pre[3] = -np.abs(pre[3])  # a dead pixel: every channel below 0
+  w = rng.normal(size=(6, 4)).astype(np.float32)
+  protos = np.asarray(losses.l2_normalize(jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)))
+  labels = np.array([0, 1, 2, 1, 0, 255, 2, 1])
+
+  def jax_loss(w_):
+    proj = jax.nn.relu(jnp.asarray(pre)) @ w_
+    lab = jnp.asarray(labels)[None, :, None]
+    reg = losses.prototype_regularizer(proj[None, :, None], lab, jnp.asarray(protos),
+                                       temperature=0.1)
+    pcl = losses.prototype_contrast(jax.random.key(0), proj[None, :, None], lab,
+                                    jnp.asarray(protos), temperature=0.1, num_samples=100)
+    return reg + pcl
+
+  grad = jax.grad(jax_loss)(jnp.asarray(w))
+  tw = torch.tensor(w, requires_grad=True)
+  proj = torch.relu(torch.tensor(pre)) @ tw
+  valid = torch.tensor((labels != 255).astype(np.float32))
+  reg = _torch_regularizer(proj, valid, torch.tensor(protos), 0.1)
+  v = F.normalize(proj[labels != 255], dim=-1)  # all valid pixels sampled (7 < 100)
+  pcl = F.cross_entropy(v @ torch.tensor(protos).T / 0.1, torch.tensor(labels[labels != 255]))
+  (reg + pcl).backward()
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, tw.grad.numpy(), rtol=1e-4, atol=1e-5)
