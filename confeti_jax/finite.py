@@ -21,7 +21,7 @@ PREFIX = "nonfinite/"
 # State trees a step writes, by the names the user knows them by (methods that lack
 # one leave it None and it is not flagged).
 STATE_TREES = (
-    ("student", lambda s: s.seg.params),
+    ("student", lambda s: None if s.seg is None else s.seg.params),
     ("student BatchNorm statistics", lambda s: s.batch_stats),
     ("teacher", lambda s: s.teacher),
     ("G (CUT generator)", lambda s: None if s.gen is None else s.gen.params),
