@@ -281,22 +281,59 @@ def test_end_to_end_gates_and_terms(e2e):
     assert json.load(f)["model"].startswith("confeti/")
 
 
-def test_single_device_replay_equals_sharded_run(e2e):
-  config, _, init, sharded = e2e
-  src_iter, tgt_iter = pipeline.make_train_iterators(config)
+@pytest.fixture(scope="module")
+def single_device(e2e):
+  """The e2e run's step compiled for one device, with a fresh pair of data iterators."""
+  config, _, init, _ = e2e
   mesh = sharding.make_mesh(1)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), init)
   step = train.make_train_step(methods.build(config), config, mesh, shardings)
-  state = jax.device_put(init, shardings)
-  for _ in range(3):
-    batch = {"source": next(src_iter), "target": next(tgt_iter)}
-    state, _ = step(state, sharding.to_global(batch, mesh))
-  single = jax.device_get(state)
+
+  def run(state, steps):
+    src_iter, tgt_iter = pipeline.make_train_iterators(config)
+    state = jax.device_put(state, shardings)
+    for _ in range(steps):
+      batch = {"source": next(src_iter), "target": next(tgt_iter)}
+      state, scalars = step(state, sharding.to_global(batch, mesh))
+    return jax.device_get(state), jax.device_get(scalars)
+
+  return run
+
+
+def test_single_device_replay_equals_sharded_run(e2e, single_device):
+  _, _, init, sharded = e2e
+  single, _ = single_device(init, 3)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   for pick in (lambda s: s.seg.params, lambda s: s.batch_stats, lambda s: s.teacher,
                lambda s: s.protos.protos):
     jax.tree.map(close, pick(single), pick(sharded))
   np.testing.assert_array_equal(single.protos.counts, sharded.protos.counts)
+
+
+def _kill_last_layer4_block(params):
+  """A very negative bias on layer4's last BN: every layer4 feature is ReLU'd to 0."""
+  last = max(k for k in params["backbone"] if k.startswith("layer4_"))
+  block = params["backbone"][last]
+  bn = max(k for k in block if k.startswith("bn"))
+  block[bn] = {**block[bn], "bias": block[bn]["bias"] - 1e4}
+  return params
+
+
+def test_zero_layer4_features_keep_the_joint_step_finite(e2e, single_device):
+  """Issue 21's divergence on demand: all-zero post-ReLU layer4 features give exactly
+  zero `conv_proj` rows, which L_Reg / L_PCL normalise. With `jnp.linalg.norm` the
+  first update turned every weight NaN (0 * NaN); the torch-equal norm keeps the step
+  finite, as the reference's `F.normalize` does."""
+  _, _, init, _ = e2e
+  seg = init.seg.replace(params=_kill_last_layer4_block(jax.tree.map(np.array, init.seg.params)))
+  teacher = jax.tree.map(np.array, init.teacher)
+  teacher["params"] = _kill_last_layer4_block(teacher["params"])
+  state, scalars = single_device(init.replace(seg=seg, teacher=teacher), 3)
+  assert scalars["loss_src_reg"] != 0 and np.isfinite(scalars["loss"])
+  for name, tree in (("student", state.seg.params), ("teacher", state.teacher),
+                     ("prototypes", state.protos.protos)):
+    leaves = jax.tree.leaves(tree)
+    assert leaves and all(np.all(np.isfinite(x)) for x in leaves), name
 
 
 def test_semantic_consistency_variants_against_hand_computation():
