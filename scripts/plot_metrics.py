@@ -16,12 +16,15 @@ import math
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from confeti_jax import writer  # noqa: E402
+
 
 def read_rows(path):
   """The JSON rows of a run's metrics.jsonl (a later row for the same step replaces an
   earlier one, as after a resume that replayed logged steps)."""
   if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
+    path = os.path.join(path, writer.METRICS_FILE)
   if not os.path.isfile(path):
     raise SystemExit(f"plot_metrics: no metrics file at {path}; pass a workdir that has "
                      "trained (or its stageN folder) or the metrics.jsonl itself.")
