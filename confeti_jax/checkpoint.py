@@ -14,6 +14,8 @@ owns); the grain iterators are saved per process.
 
 import contextlib
 import os
+import re
+import time
 
 import grain
 import jax
@@ -22,10 +24,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 STATE, LOOP = "state", "loop"
+# Beside `checkpoints/`: steps that could not be read, and newer steps set aside by a
+# restart from an earlier one (train.restore_step). Moved, never deleted.
+UNREADABLE_DIR, SET_ASIDE_DIR = "checkpoints_unreadable", "checkpoints_set_aside"
 
 
 class CheckpointError(RuntimeError):
   """Writing a checkpoint failed; the previous one on disk is still complete."""
+
+
+class NoIntactCheckpointError(RuntimeError):
+  """No kept checkpoint can be read (or the step asked for is not kept)."""
 
 
 def _state_handler():
@@ -112,6 +121,64 @@ class Checkpointer:
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**{STATE: args}))
     return restored[STATE]
 
+  def restore_first_intact(self, abstract_state, iterators=None, *, steps=None,
+                           move_unreadable=True):
+    """(step, state, loop) of the newest readable step among `steps` (default: all kept).
+
+    A step that fails to restore (a truncated or bit-flipped data file, a missing
+    metadata or iterator file) is reported in one line and the next older one is
+    tried. Only once an older step restored are the unreadable newer ones moved to
+    `checkpoints_unreadable/` beside this folder: when none restores, the fault is more
+    likely the code or config than the disk, so nothing is moved and the error lists
+    every step tried with its reason.
+    """
+    steps = sorted(self.all_steps() if steps is None else steps, reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state, iterators)
+        loop = self.restore_loop(step)
+      except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
+        path, reason = describe_unreadable(os.path.join(self.directory, str(step)), error)
+        logging.error("The checkpoint of step %d cannot be read: %s (%s); trying an older "
+                      "one.", step, path, reason)
+        failures.append((step, path, reason))
+        continue
+      if failures and move_unreadable:
+        self._move_aside([s for s, _, _ in failures], UNREADABLE_DIR)
+      return step, state, loop
+    tried = "; ".join(f"step {s}: {p} ({r})" for s, p, r in failures) or "none is kept"
+    raise NoIntactCheckpointError(
+        f"No checkpoint in {self.directory} can be read ({tried}). Nothing was moved or "
+        "deleted. If the files are damaged, move that folder aside to start afresh; if the "
+        "code or config changed since they were written, rerun with the version that wrote "
+        "them.")
+
+  def set_aside_after(self, step):
+    """Moves every kept step newer than `step` to `checkpoints_set_aside/` (a restart
+    from an earlier step must not resume the newer ones later)."""
+    newer = [s for s in self.all_steps() if s > step]
+    if newer:
+      self.wait()
+      self._move_aside(newer, SET_ASIDE_DIR)
+    return newer
+
+  def _move_aside(self, steps, folder_name):
+    """Process 0 renames the step folders into `folder_name`; every process reloads."""
+    target = os.path.join(os.path.dirname(self.directory), folder_name)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        destination = os.path.join(target, str(step))
+        if os.path.exists(destination):  # set aside before: keep both
+          destination += time.strftime("_%Y%m%d-%H%M%S")
+        os.replace(os.path.join(self.directory, str(step)), destination)
+        logging.warning("Moved the checkpoint of step %d to %s", step, destination)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("confeti_jax.checkpoint.move_aside")
+    self._manager.reload()
+
   def reached_preemption(self, step):
     """True on every process at the same step once any of them got a preemption notice."""
     return self._manager.reached_preemption(int(step))
@@ -147,6 +214,30 @@ class Checkpointer:
           f"Writing the checkpoint of step {step} in {self.directory} failed "
           f"({type(error).__name__}: {error}); {keep}. Check the free disk space and "
           "write permissions of the workdir.") from error
+
+
+def describe_unreadable(step_dir, error):
+  """(the file at fault, a one-line reason) for a step that failed to restore.
+
+  A missing file is looked for first, as orbax then reports something unrelated (a
+  deleted state/_METADATA reads as a "pytree structure error"); otherwise the last
+  local path in the error message is the file tensorstore could not read.
+  """
+  for needed in ("_CHECKPOINT_METADATA", os.path.join(STATE, "_METADATA"),
+                 os.path.join(STATE, "manifest.ocdbt")):
+    if not os.path.exists(os.path.join(step_dir, needed)):
+      return os.path.join(step_dir, needed), "the file is missing"
+  message = str(error)
+  paths = re.findall(r'local file "([^"]+)"', message) or re.findall(
+      r"File (\S+) does not exist", message)
+  path = next((p for p in reversed(paths) if os.path.isfile(p)), paths[-1] if paths else step_dir)
+  reason = message.split(" [tensorstore_spec")[0]
+  if paths and f'"{paths[-1]}": ' in reason:  # what tensorstore says about that file
+    reason = reason.rsplit(f'"{paths[-1]}": ', 1)[1]
+  reason = reason.strip().splitlines()[0] if reason.strip() else "no message"
+  if len(reason) > 240:
+    reason = reason[:237] + "..."
+  return path, f"{type(error).__name__}: {reason}"
 
 
 def _pytree_restore(abstract, partial=False):

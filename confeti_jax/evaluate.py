@@ -353,6 +353,10 @@ class Evaluator:
     batch = sharding.batch_sharding(mesh)
     self._step = jax.jit(step, in_shardings=(sharding.replicated(mesh), batch, batch, batch),
                          out_shardings=sharding.replicated(mesh))
+    # Built (and its PNG headers checked) now, at start-up, not at the first evaluation.
+    self._batches, _ = pipeline.make_eval_batches(
+        config, dataset=self.dataset, batch_size=self._batch_size(),
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def _batch_size(self):
     """Global eval batch: the configured one rounded up to a multiple of the devices."""
@@ -360,13 +364,18 @@ class Evaluator:
     return -(-int(self.config.eval.batch_size) // n) * n
 
   def run(self, variables, step):
-    batches, _ = pipeline.make_eval_batches(
-        self.config, dataset=self.dataset, batch_size=self._batch_size(),
-        process_index=jax.process_index(), process_count=jax.process_count())
-    global_batches = (sharding.to_global(b, self.mesh) for b in batches)
+    """Evaluates, logs the mIoU, then writes the reports (so a failed write loses no
+    number). Images that fail to decode are left out, counted in "skipped" and named
+    in "skipped_files" (this process's; all of them on one host)."""
+    global_batches = (sharding.to_global(b, self.mesh) for b in self._batches)
     cm, num_images = evaluate_batches(self._step, variables, global_batches)
     result = summarize(cm, self.class_names, subsets=self.subsets)
     name = pipeline.dataset_name(self.config, self.dataset)
+    skipped = sharding.process_sum(len(self._batches.skipped))
+    result.update(skipped=skipped, skipped_files=list(self._batches.skipped))
+    logging.info("eval step %d on %s (%d images%s): mIoU %.2f", step, name, num_images,
+                 f", {skipped} skipped as unreadable" if skipped else "",
+                 result["miou"] if result["miou"] is not None else float("nan"))
     record = None
     if jax.process_index() == 0:
       record = write_results(self.workdir, result, step=int(step), model=self.method.model_name,
@@ -374,8 +383,6 @@ class Evaluator:
     snapshot = best_snapshot.keep_if_best(self.workdir, self.prefix, step, result, variables)
     if snapshot and record is not None:
       write_best(self.workdir, record, snapshot, prefix=self.prefix)
-    logging.info("eval step %d on %s (%d images): mIoU %.2f", step, name, num_images,
-                 result["miou"] if result["miou"] is not None else float("nan"))
     return result
 
 

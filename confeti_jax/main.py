@@ -81,11 +81,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _maybe_initialize_distributed()
   # After distributed init: these touch JAX.
-  from confeti_jax import evaluate, stages, stylize, train, writer
+  from confeti_jax import failures, writer
 
   writer.quiet_library_logs()
-
   config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    _run(config, workdir)
+  except Exception as error:  # noqa: BLE001 - every fatal error ends in one final line
+    failures.exit_with_final_line(error, workdir)
+
+
+def _run(config, workdir):
+  from confeti_jax import evaluate, stages, stylize, train
+
   logging.info("Config:\n%s", config)
   plan = stages.plan_for(config, workdir)  # None: a single-stage method
   if _MODE.value == "train":

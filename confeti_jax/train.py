@@ -12,7 +12,6 @@ evaluate, save or stop are taken at the same step on every process, because each
 them ends in a collective.
 """
 
-import json
 import os
 import signal
 
@@ -21,55 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from confeti_jax import checkpoint, evaluate, finite, methods, sharding, writer
+from confeti_jax import checkpoint, evaluate, finite, methods, run_config, sharding, writer
 from confeti_jax.data import pipeline
 
-# Keys whose change makes an existing checkpoint unusable for this config; the model's
-# compute settings are not among them (float32 parameters either way).
-_STRUCTURAL_KEYS = ("method", "model", "num_classes")
-_COMPUTE_ONLY_MODEL_KEYS = ("dtype", "remat")
-# Where a stage reads its predecessor's weights: derived from the workdir, so moving a
-# workdir must not make its own runs unresumable.
-_LOCATION_METHOD_KEYS = ("cut_from",)
 # Bookkeeping the loaders add to a batch (sources.SkipCorrupt, rcs): host-side only.
 _HOST_KEYS = ("skipped", "rcs_class")
-
-
-def _structural(config_json, key):
-  value = config_json.get(key)
-  ignored = {"model": _COMPUTE_ONLY_MODEL_KEYS, "method": _LOCATION_METHOD_KEYS}.get(key, ())
-  if isinstance(value, dict):
-    value = {k: v for k, v in value.items() if k not in ignored}
-  return value
-
-
-def _leaf_diffs(previous, current, prefix):
-  """['key: saved A, now B', ...] over the dotted leaves where two config trees differ."""
-  if not (isinstance(previous, dict) and isinstance(current, dict)):
-    return [] if previous == current else [f"{prefix}: saved {previous!r}, now {current!r}"]
-  return [d for k in sorted(set(previous) | set(current), key=str)
-          for d in _leaf_diffs(previous.get(k), current.get(k), f"{prefix}.{k}")]
-
-
-def _check_or_write_config(config, workdir):
-  """Writes config.json; on resume refuses a config whose model/method differ."""
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    diffs = [d for k in _STRUCTURAL_KEYS
-             for d in _leaf_diffs(_structural(previous, k), _structural(current, k), k)]
-    if diffs:
-      detail = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-      raise ValueError(
-          f"The workdir {workdir} holds a run of another configuration ({detail}). "
-          "Use a new --workdir for this config, or pass the settings of the saved run.")
-  if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def abstract_with_shardings(abstract, shardings):
@@ -159,6 +114,66 @@ def _close(ckpt, failing):
     logging.error("%s", error)
 
 
+def restore(ckpt, config, abstract_state, iterators):
+  """(state or None, loop counters) from the workdir's checkpoints.
+
+  The newest readable step is used (unreadable newer ones are moved aside). With
+  train.restore_step=N > 0 the run restarts from step N exactly and the newer steps are
+  moved to checkpoints_set_aside/; checkpoints saved after that restart carry
+  "restarted_from": N, so rerunning the same command later resumes them instead of
+  going back to N again.
+  """
+  wanted = int(config.train.get("restore_step", 0))
+  kept = ckpt.all_steps()
+  if not kept:
+    if wanted > 0:
+      raise checkpoint.NoIntactCheckpointError(
+          f"train.restore_step={wanted}, but {ckpt.directory} holds no checkpoint. Drop "
+          "--config.train.restore_step to start this run.")
+    return None, {}
+  latest = max(kept)
+  if wanted > 0 and _restarted_from(ckpt, latest) != wanted:
+    if wanted not in kept:
+      raise checkpoint.NoIntactCheckpointError(
+          f"train.restore_step={wanted} is not among the checkpoints kept in "
+          f"{ckpt.directory} (steps {sorted(kept)}). Pass one of them.")
+    step, state, loop = ckpt.restore_first_intact(abstract_state, iterators, steps=[wanted],
+                                                  move_unreadable=False)
+    moved = ckpt.set_aside_after(step)
+    logging.warning("Restarted from the checkpoint of step %d (train.restore_step); newer "
+                    "steps %s were moved to %s.", step, moved, checkpoint.SET_ASIDE_DIR)
+    return state, {**loop, "restarted_from": wanted}
+  step, state, loop = ckpt.restore_first_intact(abstract_state, iterators)
+  logging.info("Resuming from the checkpoint of step %d in %s", step, ckpt.directory)
+  return state, loop
+
+
+def _restarted_from(ckpt, step):
+  try:
+    return ckpt.restore_loop(step).get("restarted_from")
+  except Exception:  # noqa: BLE001 - an unreadable step: restore_first_intact reports it
+    return None
+
+
+def _divergence_help(ckpt, workdir):
+  """The kept checkpoints with the loss logged at each, and how to restart from one."""
+  rows = writer.read_rows(os.path.join(workdir, writer.METRICS_FILE))
+  try:
+    kept = sorted(ckpt.all_steps())
+  except Exception:  # noqa: BLE001 - listing a broken disk
+    kept = []
+  if not kept:
+    return "No checkpoint is kept; the run starts afresh when rerun."
+  listed = ", ".join(f"step {s} (loss {_loss_text(writer.loss_at(rows, s))})" for s in kept)
+  return (f"Kept checkpoints: {listed}. If the loss had already grown at the newest, restart "
+          f"from an earlier one with --config.train.restore_step=STEP (newer steps are moved "
+          f"to {checkpoint.SET_ASIDE_DIR}/).")
+
+
+def _loss_text(value):
+  return "not logged" if value is None else f"{value:.4g}"
+
+
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
@@ -167,7 +182,7 @@ def train_and_evaluate(config, workdir):
   # -- set-up ------------------------------------------------------------------
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  _check_or_write_config(config, workdir)
+  config_changes = run_config.check(config, workdir)  # refuses another model or method
   logging.info("Process %d/%d with %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
@@ -189,19 +204,18 @@ def train_and_evaluate(config, workdir):
   # -- restore -----------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints, cleanup=True)
-  latest = ckpt.latest_step()
-  loop_counters = {}
-  if latest is not None:
-    logging.info("Resuming from the checkpoint of step %d in %s", latest, ckpt.directory)
-    del state  # free the fresh buffers before reading the saved ones
-    state = ckpt.restore(latest, abstract_state,
-                         {f"{k}_iter": v for k, v in iterators.items()})
-    loop_counters = ckpt.restore_loop(latest)
+  restored, loop_counters = restore(ckpt, config, abstract_state,
+                                    {f"{k}_iter": v for k, v in iterators.items()})
+  if restored is not None:
+    del state  # the fresh buffers (the restored ones were read onto their shardings)
+    state = restored
   first_step = int(jax.device_get(state.step))
   total_steps = int(config.train.steps)
 
-  evaluator = evaluate.Evaluator(config, method, mesh, workdir)
-  metric_writer = writer.MetricWriter(workdir, total_steps=total_steps)
+  evaluator = evaluate.Evaluator(config, method, mesh, workdir)  # checks the val split
+  # Every start-up check passed: only now does the workdir take this config.
+  run_config.record(config, workdir, config_changes, first_step)
+  metric_writer = writer.MetricWriter(workdir, total_steps=total_steps, resume_step=first_step)
   chrono = metric_writer.chrono
   chrono.start(first_step)
 
@@ -219,8 +233,21 @@ def train_and_evaluate(config, workdir):
 
   def save(step):
     chrono.pause()
-    ckpt.save(step, state, {f"{k}_iter": v for k, v in iterators.items()},
-              loop={"data_skipped_total": data_skipped_total()})
+    loop = {"data_skipped_total": data_skipped_total()}
+    if "restarted_from" in loop_counters:
+      loop["restarted_from"] = loop_counters["restarted_from"]
+    ckpt.save(step, state, {f"{k}_iter": v for k, v in iterators.items()}, loop=loop)
+    chrono.resume()
+
+  def evaluate_now(step):
+    """Evaluates; a failure (unreadable split, full disk for the report) costs only this
+    evaluation, as the step's checkpoint is already saved or being saved."""
+    chrono.pause()
+    try:
+      evaluator.run(method.inference_variables(state), step)
+    except Exception:  # noqa: BLE001 - any failure of evaluation or its reports
+      logging.exception("Evaluation at step %d failed; training goes on (the checkpoint of "
+                        "this step is saved). The error:", step)
     chrono.resume()
 
   # -- loop --------------------------------------------------------------------
@@ -256,13 +283,12 @@ def train_and_evaluate(config, workdir):
             metric_writer.report(step, scalars)  # raises on NaN/inf before anything is saved
           except writer.NonFiniteLossError as error:
             raise writer.NonFiniteLossError(
-                f"{finite.describe(flags, step, window)} {error}") from None
-        if eval_every > 0 and (step % eval_every == 0 or last):
-          chrono.pause()
-          evaluator.run(method.inference_variables(state), step)
-          chrono.resume()
+                f"{finite.describe(flags, step, window)} {error} "
+                f"{_divergence_help(ckpt, workdir)}") from None
         if checkpoint_now:
-          save(step)
+          save(step)  # before evaluating: a failed evaluation must not cost the step
+        if eval_every > 0 and (step % eval_every == 0 or last):
+          evaluate_now(step)
         if stopping or ckpt.reached_preemption(step):
           if not checkpoint_now:
             save(step)

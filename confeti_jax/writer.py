@@ -147,7 +147,9 @@ class MetricWriter:
   """
 
   def __init__(self, workdir, *, total_steps, is_main=None, tensorboard=True,
-               clock=time.monotonic):
+               clock=time.monotonic, resume_step=None):
+    """`resume_step`: the step training restarts from; logged rows after it are dropped,
+    as the steps they describe are trained again (a kill between log and save)."""
     self.workdir = workdir
     self.total_steps = int(total_steps)
     self.is_main = jax.process_index() == 0 if is_main is None else bool(is_main)
@@ -157,6 +159,8 @@ class MetricWriter:
     if not self.is_main:
       return
     os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      drop_rows_after(os.path.join(workdir, METRICS_FILE), resume_step)
     # Append + line buffering: a resumed run extends the file and a crash loses no line.
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1)
     if tensorboard:
@@ -243,6 +247,46 @@ class MetricWriter:
   def __exit__(self, *exc_info):
     self.close()
     return False
+
+
+def read_rows(path):
+  """The JSON objects of a metrics.jsonl; a torn last line (killed mid-write) is left out."""
+  rows = []
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def drop_rows_after(path, step):
+  """Rewrites metrics.jsonl (atomically) without the rows logged after `step`."""
+  if not os.path.exists(path):
+    return
+  rows = read_rows(path)
+  kept = [r for r in rows if int(r.get("step", 0)) <= int(step)]
+  with open(path) as f:
+    complete = all(line.endswith("\n") for line in f)
+  if len(kept) == len(rows) and complete:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+  os.replace(tmp, path)
+  logging.info("Dropped %d row(s) logged after step %d from %s", len(rows) - len(kept), step,
+               path)
+
+
+def loss_at(rows, step):
+  """The logged "loss" at `step` (None when that step was not logged)."""
+  for row in reversed(rows):
+    if int(row.get("step", -1)) == int(step):
+      return row.get("loss")
+  return None
 
 
 def _summary_writer(logdir):

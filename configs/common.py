@@ -71,6 +71,8 @@ def base_config():
       steps=80_000, batch_size=2, log_every_steps=50,
       checkpoint_every_steps=4000, keep_checkpoints=2,
       stop_at_step=0,  # >0: save and stop cleanly after this step (time-limited jobs)
+      # >0: restart from this kept step; newer ones move to checkpoints_set_aside/
+      restore_step=0,
   ))
 
   # AdamW 6e-5, heads x10, wd 0.01 on all params, poly(1.0) with linear warm-up 1500.

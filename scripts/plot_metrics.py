@@ -11,7 +11,6 @@ Needs matplotlib (`pip install matplotlib`); training does not.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,13 +27,7 @@ def read_rows(path):
   if not os.path.isfile(path):
     raise SystemExit(f"plot_metrics: no metrics file at {path}; pass a workdir that has "
                      "trained (or its stageN folder) or the metrics.jsonl itself.")
-  by_step = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        row = json.loads(line)
-        by_step[int(row["step"])] = row
+  by_step = {int(row["step"]): row for row in writer.read_rows(path)}
   return [by_step[s] for s in sorted(by_step)]
 
 

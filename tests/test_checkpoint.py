@@ -121,3 +121,72 @@ def test_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeypat
                        _state(1))
   again.close()
   assert [n for n in os.listdir(tmp_path / "ckpt") if "tmp" in n] == []
+
+
+def _two_steps(directory):
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  it = _iterator()
+  for step in (2, 4):
+    next(it)
+    ckpt.save(step, _state(step), {"source_iter": it}, loop={"at": step})
+  ckpt.close()
+  return os.path.join(directory, "4")
+
+
+def _truncate_data(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      if os.path.basename(root) == "d":
+        path = os.path.join(root, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_bits(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      if os.path.basename(root) == "d":
+        path = os.path.join(root, name)
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 3::7] = bytes(b ^ 0xFF for b in data[len(data) // 3::7])
+        open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage, at_fault", [
+    (_truncate_data, "state/d/"),
+    (lambda d: os.remove(os.path.join(d, "state", "_METADATA")), "state/_METADATA"),
+    (_flip_bits, "state/d/"),
+    (lambda d: os.remove(os.path.join(d, "source_iter", "process_0-of-1.json")),
+     "source_iter/process_0-of-1.json"),
+])
+def test_unreadable_newest_step_is_reported_moved_aside_and_the_older_one_used(
+    tmp_path, damage, at_fault, caplog):
+  directory = str(tmp_path / "checkpoints")
+  damage(_two_steps(directory))
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  fresh = _iterator()
+  with caplog.at_level("ERROR"):
+    step, restored, loop = ckpt.restore_first_intact(_abstract(_state(4)),
+                                                     {"source_iter": fresh})
+  ckpt.close()
+  assert (step, loop) == (2, {"at": 2})
+  _assert_states_equal(restored, _state(2))
+  assert next(fresh) == 1
+  line = next(r.getMessage() for r in caplog.records
+              if "cannot be read" in r.getMessage())
+  assert line.startswith("The checkpoint of step 4 cannot be read: ")
+  assert os.path.join(directory, "4", at_fault) in line
+  assert sorted(os.listdir(tmp_path / checkpoint.UNREADABLE_DIR)) == ["4"]
+  assert checkpoint.Checkpointer(directory).all_steps() == [2]
+
+
+def test_no_readable_step_moves_nothing_and_lists_every_try(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  _truncate_data(_two_steps(directory))
+  _truncate_data(os.path.join(directory, "2"))
+  ckpt = checkpoint.Checkpointer(directory, keep=3)
+  with pytest.raises(checkpoint.NoIntactCheckpointError) as info:
+    ckpt.restore_first_intact(_abstract(_state(4)), {"source_iter": _iterator()})
+  ckpt.close()
+  assert "step 4: " in str(info.value) and "step 2: " in str(info.value)
+  assert "Nothing was moved or deleted" in str(info.value)
+  assert sorted(os.listdir(directory)) == ["2", "4"]

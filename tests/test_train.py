@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from confeti_jax import methods, sharding, train, writer
+from confeti_jax import methods, run_config, sharding, train, writer
 from confeti_jax.methods import source_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +178,10 @@ def test_nan_stops_and_keeps_last_good_checkpoint(toy_cache, tmp_path, monkeypat
   with pytest.raises(writer.NonFiniteLossError, match="loss") as info:
     train.train_and_evaluate(config, workdir)
   assert "First non-finite step: 3 (of 3-3); non-finite first: loss." in str(info.value)
+  rows = writer.read_rows(os.path.join(workdir, writer.METRICS_FILE))
+  assert (f"Kept checkpoints: step 2 (loss {writer.loss_at(rows, 2):.4g}). If the loss had "
+          "already grown at the newest, restart from an earlier one with "
+          "--config.train.restore_step=STEP") in str(info.value)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [2]
   restored = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt_dir, "2", "state"))
@@ -242,11 +246,11 @@ def test_resume_refuses_another_method_naming_the_key_but_not_a_moved_workdir(tm
   whose predecessor's location moved with the workdir (method.cut_from) resumes."""
   config = toy.get_config("method=confeti")
   config.method.cut_from = "/old/place/stage0"
-  train._check_or_write_config(config, str(tmp_path))
+  run_config.record(config, str(tmp_path), run_config.check(config, str(tmp_path)), 0)
   config.method.cut_from = "/new/place/stage0"
   config.model.dtype = "bfloat16"
-  train._check_or_write_config(config, str(tmp_path))  # compute and location only: accepted
+  run_config.check(config, str(tmp_path))  # compute and location only: accepted
   config.method.proto.dim = 64
   with pytest.raises(ValueError, match=r"method\.proto\.dim: saved 128, now 64") as info:
-    train._check_or_write_config(config, str(tmp_path))
+    run_config.check(config, str(tmp_path))
   assert "cut_from" not in str(info.value) and "top_n" not in str(info.value)

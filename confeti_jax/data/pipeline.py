@@ -281,16 +281,31 @@ def make_train_iterators(config, *, process_index=0, process_count=1):
 
 
 class _ReadAhead:
-  """Reads source items in order with a few threads (PNG decoding releases the GIL)."""
+  """Reads source items in order with a few threads (PNG decoding releases the GIL).
 
-  def __init__(self, source, indices, depth):
+  An item that fails to decode is logged, its file name appended to `skipped`, and
+  yielded as None: evaluation goes on without it.
+  """
+
+  def __init__(self, source, indices, depth, skipped):
     self._source, self._indices, self._depth = source, list(indices), depth
+    self._skipped = skipped
+
+  def _read(self, index):
+    try:
+      return self._source[index]
+    except DatasetError as error:
+      paths = getattr(self._source, "image_paths", None)
+      name = paths[index] if paths is not None else f"{self._source!r} #{index}"
+      logging.warning("Evaluation skips %s: %s", name, error)
+      self._skipped.append(name)
+      return None
 
   def __iter__(self):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
       pending = collections.deque()
       for index in self._indices:
-        pending.append(pool.submit(self._source.__getitem__, index))
+        pending.append(pool.submit(self._read, index))
         if len(pending) > self._depth:
           yield pending.popleft().result()
       while pending:
@@ -303,8 +318,11 @@ def num_eval_batches(num_images, batch_size, shard_count=1):
   return -(-per_shard // batch_size)
 
 
-def eval_batches(source, *, scale_or_none, batch_size, shard_index=0, shard_count=1):
+def eval_batches(source, *, scale_or_none, batch_size, shard_index=0, shard_count=1,
+                 skipped=None):
   """Yields the whole split once, in order, as fixed-shape batches of this shard.
+
+  Images that fail to decode are left out and their names appended to `skipped`.
 
   "image" is resized keep-ratio when a scale is given, "label" stays at the original
   resolution (mmseg evaluates there), and "valid" marks real images: the last batch
@@ -315,7 +333,8 @@ def eval_batches(source, *, scale_or_none, batch_size, shard_index=0, shard_coun
   if len(source) == 0:
     raise DatasetError(f"{source!r} is empty; nothing to evaluate.")
   total_batches = num_eval_batches(len(source), batch_size, shard_count)
-  items = iter(_ReadAhead(source, indices, depth=2 * batch_size))
+  skipped = [] if skipped is None else skipped
+  items = (i for i in _ReadAhead(source, indices, 2 * batch_size, skipped) if i is not None)
   filler = None
   for _ in range(total_batches):
     images, label_maps, valid = [], [], []
@@ -350,13 +369,18 @@ def eval_batches(source, *, scale_or_none, batch_size, shard_index=0, shard_coun
 
 
 class EvalBatches:
-  """A re-iterable `eval_batches` stream: each `iter()` (or call) reads the split afresh."""
+  """A re-iterable `eval_batches` stream: each `iter()` (or call) reads the split afresh.
+
+  `skipped` lists the images of the latest pass that failed to decode (this process's).
+  """
 
   def __init__(self, source, **kwargs):
     self.source, self._kwargs = source, kwargs
+    self.skipped = []
 
   def __call__(self):
-    return eval_batches(self.source, **self._kwargs)
+    self.skipped = []
+    return eval_batches(self.source, skipped=self.skipped, **self._kwargs)
 
   def __iter__(self):
     return self()
