@@ -154,6 +154,26 @@ class Checkpointer:
         "code or config changed since they were written, rerun with the version that wrote "
         "them.")
 
+  def restore_subtree_first_intact(self, abstract_subtree):
+    """(step, subtree) of the newest step whose `abstract_subtree` leaves can be read.
+
+    For readers (evaluation, a stage reading its predecessor): an unreadable step is
+    reported and skipped, never moved, as a trainer may own the folder.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore_subtree(step, abstract_subtree)
+      except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
+        path, reason = describe_unreadable(os.path.join(self.directory, str(step)), error)
+        logging.error("The checkpoint of step %d cannot be read: %s (%s); trying an older "
+                      "one.", step, path, reason)
+        failures.append(f"step {step}: {path} ({reason})")
+    raise NoIntactCheckpointError(
+        f"No checkpoint in {self.directory} can be read "
+        f"({'; '.join(failures) or 'none is kept'}). Train first with the same --config "
+        "and --workdir, or rerun training to replace the damaged steps.")
+
   def set_aside_after(self, step):
     """Moves every kept step newer than `step` to `checkpoints_set_aside/` (a restart
     from an earlier step must not resume the newer ones later)."""

@@ -403,8 +403,9 @@ def run(config, workdir):
 
 
 def restore_inference(config, workdir, mesh):
-  """(method, inference variables replicated on `mesh`, step) of `workdir`'s latest
-  checkpoint: only the student (and BN statistics) is read, not optimiser states."""
+  """(method, inference variables replicated on `mesh`, step) of `workdir`'s newest
+  readable checkpoint: only the student (and BN statistics) is read, not optimiser
+  states."""
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(
@@ -417,10 +418,9 @@ def restore_inference(config, workdir, mesh):
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
   ckpt = checkpoint.Checkpointer(ckpt_dir)
   try:
-    step = ckpt.latest_step()
-    if step is None:
+    if ckpt.latest_step() is None:
       raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train first.")
-    subtree = ckpt.restore_subtree(step, method.inference_subtree(abstract))
+    step, subtree = ckpt.restore_subtree_first_intact(method.inference_subtree(abstract))
   finally:
     ckpt.close()
   return method, method.variables_from_subtree(subtree), step

@@ -196,3 +196,16 @@ def test_final_line_finds_the_cause_through_the_exception_chain(tmp_path):
                   "the same command.")
   assert failures.final_line(KeyError("x"), "/w").startswith(
       f"{failures.PREFIX} unexpected KeyError: 'x' (workdir /w)")
+
+
+def test_eval_mode_reads_the_newest_intact_step_and_moves_nothing(reference, toy_cache,
+                                                                  tmp_path, caplog):
+  workdir = _copy(reference, tmp_path)
+  _truncate_data_files(os.path.join(workdir, "checkpoints", "3"))
+  with caplog.at_level("ERROR"):
+    evaluate.run(tiny_config(toy_cache, **REFERENCE), workdir)
+  assert "The checkpoint of step 3 cannot be read" in caplog.text
+  with open(os.path.join(workdir, "eval", "latest.json")) as f:
+    assert json.load(f)["step"] == 2
+  assert _kept(workdir) == [2, 3]
+  assert not os.path.exists(os.path.join(workdir, checkpoint.UNREADABLE_DIR))
