@@ -249,7 +249,7 @@ def describe_unreadable(step_dir, error):
       return os.path.join(step_dir, needed), "the file is missing"
   message = str(error)
   paths = re.findall(r'local file "([^"]+)"', message) or re.findall(
-      r"File (\S+) does not exist", message)
+      r"File (.+?) does not exist", message)
   path = next((p for p in reversed(paths) if os.path.isfile(p)), paths[-1] if paths else step_dir)
   reason = message.split(" [tensorstore_spec")[0]
   if paths and f'"{paths[-1]}": ' in reason:  # what tensorstore says about that file

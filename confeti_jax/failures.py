@@ -8,7 +8,9 @@ often wraps the cause (a full disk inside a tensorstore write inside orbax).
 
 import errno
 import logging as logging_std
+import os
 import sys
+import threading
 
 from absl import logging
 
@@ -56,15 +58,26 @@ def final_line(error, workdir):
           "from the newest intact checkpoint.")
 
 
+def _drop(*args):
+  del args
+
+
 def exit_with_final_line(error, workdir):
-  """Logs the traceback, prints the final line last on stderr and exits with status 1."""
+  """Logs the traceback, prints the final line last on stderr and exits with status 1.
+
+  Background threads of the checkpoint writer that failed with the same cause (a full
+  disk fails every pending write) would print their own tracebacks when they end or
+  are collected, after the final line; from here on they are dropped, and the process
+  ends with os._exit once the streams are flushed (the trainer has already closed its
+  checkpointer, so no write is cut short).
+  """
   logging.error("The run cannot go on; the traceback of the cause follows.", exc_info=error)
   line = final_line(error, workdir)
-  logging.flush()
-  # Tasks of the checkpoint writer that failed with the same cause would be reported by
-  # asyncio when collected, after the final line; they are already in the traceback.
+  threading.excepthook = _drop
+  sys.unraisablehook = _drop
   logging_std.getLogger("asyncio").setLevel(logging_std.CRITICAL)
+  logging.flush()
   sys.stdout.flush()
   sys.stderr.write(line + "\n")
   sys.stderr.flush()
-  sys.exit(1)
+  os._exit(1)
