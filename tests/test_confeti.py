@@ -303,9 +303,13 @@ def single_device(e2e):
 def test_single_device_replay_equals_sharded_run(e2e, single_device):
   _, _, init, sharded = e2e
   single, _ = single_device(init, 3)
+  # Adam-moved weights agree to a fraction of the lr (1e-3), as in test_dacs.py; the
+  # statistics and prototypes are not Adam-moved.
+  weights = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-4)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  for pick in (lambda s: s.seg.params, lambda s: s.batch_stats, lambda s: s.teacher,
-               lambda s: s.protos.protos):
+  for pick in (lambda s: s.seg.params, lambda s: s.teacher):
+    jax.tree.map(weights, pick(single), pick(sharded))
+  for pick in (lambda s: s.batch_stats, lambda s: s.protos.protos):
     jax.tree.map(close, pick(single), pick(sharded))
   np.testing.assert_array_equal(single.protos.counts, sharded.protos.counts)
 

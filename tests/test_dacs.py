@@ -162,10 +162,14 @@ def test_single_device_replay_equals_sharded_run_and_ignores_target_labels(e2e):
 
   single, accs = run(batches)
   # Adam divides by sqrt(v): parameters whose gradients are ~0 move by up to lr for any
-  # reduction-order noise, hence an absolute tolerance of a fraction of the head lr.
+  # reduction-order noise (8 devices vs 1; the LLVM -O0 the suite compiles with
+  # reorders more of it), hence an absolute tolerance of a fraction of the lr (1e-3)
+  # for weights; the statistics are not Adam-moved.
+  weights = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-4)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  for pick in (lambda s: s.seg.params, lambda s: s.batch_stats, lambda s: s.teacher,
-               lambda s: s.imnet):
+  for pick in (lambda s: s.seg.params, lambda s: s.teacher):
+    jax.tree.map(weights, pick(single), pick(sharded))
+  for pick in (lambda s: s.batch_stats, lambda s: s.imnet):
     jax.tree.map(close, pick(single), pick(sharded))
   relabelled = [{"source": b["source"], "target": {
       "image": b["target"]["image"], "label": np.zeros_like(b["target"]["label"])}}
