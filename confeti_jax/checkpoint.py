@@ -132,47 +132,43 @@ class Checkpointer:
     likely the code or config than the disk, so nothing is moved and the error lists
     every step tried with its reason.
     """
-    steps = sorted(self.all_steps() if steps is None else steps, reverse=True)
+    def read(step):
+      return self.restore(step, abstract_state, iterators), self.restore_loop(step)
+
+    step, (state, loop), failures = self._newest_readable(read, steps)
+    if failures and move_unreadable:
+      self._move_aside([s for s, _ in failures], UNREADABLE_DIR)
+    return step, state, loop
+
+  def restore_subtree_first_intact(self, abstract_subtree):
+    """(step, subtree) of the newest step whose `abstract_subtree` leaves can be read.
+
+    For readers (--mode=eval): an unreadable step is reported and skipped, never
+    moved, as a trainer may own the folder.
+    """
+    step, subtree, _ = self._newest_readable(
+        lambda step: self.restore_subtree(step, abstract_subtree))
+    return step, subtree
+
+  def _newest_readable(self, read, steps=None):
+    """(step, read(step), [(unreadable newer step, its description)]) for the newest of
+    `steps` (default: all kept) that `read` restores; each failure is logged in one line.
+    Raises NoIntactCheckpointError, listing every try, when none can be read."""
     failures = []
-    for step in steps:
+    for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
       try:
-        state = self.restore(step, abstract_state, iterators)
-        loop = self.restore_loop(step)
+        return step, read(step), failures
       except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
         path, reason = describe_unreadable(os.path.join(self.directory, str(step)), error)
         logging.error("The checkpoint of step %d cannot be read: %s (%s); trying an older "
                       "one.", step, path, reason)
-        failures.append((step, path, reason))
-        continue
-      if failures and move_unreadable:
-        self._move_aside([s for s, _, _ in failures], UNREADABLE_DIR)
-      return step, state, loop
-    tried = "; ".join(f"step {s}: {p} ({r})" for s, p, r in failures) or "none is kept"
+        failures.append((step, f"{path} ({reason})"))
+    tried = "; ".join(f"step {s}: {d}" for s, d in failures) or "none is kept"
     raise NoIntactCheckpointError(
         f"No checkpoint in {self.directory} can be read ({tried}). Nothing was moved or "
         "deleted. If the files are damaged, move that folder aside to start afresh; if the "
         "code or config changed since they were written, rerun with the version that wrote "
         "them.")
-
-  def restore_subtree_first_intact(self, abstract_subtree):
-    """(step, subtree) of the newest step whose `abstract_subtree` leaves can be read.
-
-    For readers (evaluation, a stage reading its predecessor): an unreadable step is
-    reported and skipped, never moved, as a trainer may own the folder.
-    """
-    failures = []
-    for step in sorted(self.all_steps(), reverse=True):
-      try:
-        return step, self.restore_subtree(step, abstract_subtree)
-      except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
-        path, reason = describe_unreadable(os.path.join(self.directory, str(step)), error)
-        logging.error("The checkpoint of step %d cannot be read: %s (%s); trying an older "
-                      "one.", step, path, reason)
-        failures.append(f"step {step}: {path} ({reason})")
-    raise NoIntactCheckpointError(
-        f"No checkpoint in {self.directory} can be read "
-        f"({'; '.join(failures) or 'none is kept'}). Train first with the same --config "
-        "and --workdir, or rerun training to replace the damaged steps.")
 
   def set_aside_after(self, step):
     """Moves every kept step newer than `step` to `checkpoints_set_aside/` (a restart
