@@ -17,7 +17,7 @@ from torch import nn as tnn
 from confeti_jax import weights
 from confeti_jax.models import DeepLabV2, ResNetV1c, stage_channels
 from confeti_jax.models.resnet import scale_channels
-from tests.test_models import TorchResNetV1c, _tconv
+from tests.torch_deeplab import TorchResNetV1c, _tconv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
