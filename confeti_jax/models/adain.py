@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from confeti_jax.augment import IMAGENET_MEAN, IMAGENET_STD  # [0, 255] units
+from confeti_jax.models.conv import Conv
 from confeti_jax.models.heads import torch_bias_init, torch_kernel_init
 from confeti_jax.weights import WeightsError
 
@@ -60,9 +61,8 @@ def _width(channels, width):
 
 def _conv(features, in_features, kernel, dtype, name):
   """A PyTorch-initialised Conv2d with bias; padding is done by the caller (reflect)."""
-  return nn.Conv(features, (kernel, kernel), padding="VALID", use_bias=True, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=torch_kernel_init,
-                 bias_init=torch_bias_init(in_features * kernel * kernel), name=name)
+  return Conv(features, kernel, use_bias=True, dtype=dtype, kernel_init=torch_kernel_init,
+              bias_init=torch_bias_init(in_features * kernel * kernel), name=name)
 
 
 def reflect_pad(x):

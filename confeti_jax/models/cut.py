@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from confeti_jax import losses
+from confeti_jax.models.conv import Conv
 from confeti_jax.weights import WeightsError
 
 # torch init.xavier_normal_(gain=0.02): std = gain * sqrt(2 / (fan_in + fan_out)).
@@ -128,9 +129,8 @@ def discriminator_layers(ndf=64, n_layers=3):
 
 
 def _conv(features, kernel, padding, dtype, name):
-  return nn.Conv(features, (kernel, kernel), padding=padding, use_bias=True, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=xavier_init,
-                 bias_init=nn.initializers.zeros, name=name)
+  return Conv(features, kernel, padding=padding, use_bias=True, dtype=dtype,
+              kernel_init=xavier_init, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -141,9 +141,9 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = _conv(self.features, 3, "VALID", self.dtype, "conv1")(_pad(x, 1, "reflect"))
+    y = _conv(self.features, 3, 0, self.dtype, "conv1")(_pad(x, 1, "reflect"))
     y = nn.relu(instance_norm(y))
-    y = _conv(self.features, 3, "VALID", self.dtype, "conv2")(_pad(y, 1, "reflect"))
+    y = _conv(self.features, 3, 0, self.dtype, "conv2")(_pad(y, 1, "reflect"))
     return x + instance_norm(y)
 
 
@@ -190,7 +190,7 @@ class ResnetGenerator(nn.Module):
       if layer.kind == "pad3":
         x = _pad(x, 3, "reflect")
       elif layer.kind in ("conv7", "conv3"):
-        kernel, padding = (7, "VALID") if layer.kind == "conv7" else (3, ((1, 1), (1, 1)))
+        kernel, padding = (7, 0) if layer.kind == "conv7" else (3, 1)
         x = _conv(layer.features, kernel, padding, self.dtype, layer.name)(x)
       elif layer.kind == "norm":
         x = instance_norm(x)
@@ -221,7 +221,7 @@ class NLayerDiscriminator(nn.Module):
     x = x.astype(self.dtype)
     for layer in discriminator_layers(self.ndf, self.n_layers):
       if layer.kind == "conv4":
-        x = _conv(layer.features, 4, ((1, 1), (1, 1)), self.dtype, layer.name)(x)
+        x = _conv(layer.features, 4, 1, self.dtype, layer.name)(x)
       elif layer.kind == "norm":
         x = instance_norm(x)
       elif layer.kind == "lrelu":

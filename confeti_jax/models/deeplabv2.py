@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from confeti_jax.models import heads
+from confeti_jax.models.conv import Conv
 from confeti_jax.models.resnet import ResNetV1c, check_stem
 
 # Backbone names accepted by DeepLabV2, mapped to ResNet depths.
@@ -102,18 +103,15 @@ class DeepLabV2(nn.Module):
 
   def _conv1x1(self, x, features, name):
     """A bias-free 1x1 convolution with PyTorch's default init, float32 output."""
-    return nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=heads.torch_kernel_init, name=name)(x).astype(jnp.float32)
+    return Conv(features, 1, dtype=self.dtype, kernel_init=heads.torch_kernel_init,
+                name=name)(x).astype(jnp.float32)
 
   def _summed_aspp(self, x, prefix):
     """Four parallel dilated 3x3 convolutions to class logits, summed in float32."""
     logits = None
     for k, d in enumerate(self.aspp_dilations):
-      branch = nn.Conv(
-          self.num_classes, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
-          use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=head_kernel_init, bias_init=nn.initializers.zeros,
-          name=f"{prefix}_{k}")(x)
+      branch = Conv(self.num_classes, 3, padding=d, dilation=d, use_bias=True,
+                    dtype=self.dtype, kernel_init=head_kernel_init, name=f"{prefix}_{k}")(x)
       # Sum in float32 so a bfloat16 run does not round the logits four times.
       branch = branch.astype(jnp.float32)
       logits = branch if logits is None else logits + branch

@@ -39,8 +39,9 @@ scratch; that is not done here because the reference always loads ImageNet weigh
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from confeti_jax.models.conv import Conv
 
 # depth -> (block kind, blocks per stage), as mmseg's ResNet.arch_settings.
 ARCH_SETTINGS = {
@@ -83,38 +84,10 @@ def check_stem(stem: str) -> str:
   return stem
 
 
-class PointwiseConv(nn.Module):
-  """A bias-free 1x1 convolution written as a matrix product (same parameter, same maths).
-
-  XLA:CPU lowers the weight gradient of a 1x1 `conv_general_dilated` as a convolution
-  whose window is the whole feature map, at a few GFLOP/s; as an einsum the same
-  gradient is one GEMM (about 10x faster in a ResNet-50 step). Used on CPU only
-  (`conv`), so GPU/TPU compile exactly what they did before.
-  """
-
-  features: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features),
-                        jnp.float32)
-    if self.stride > 1:  # padding 0: a strided 1x1 conv reads every stride-th pixel
-      x = x[:, ::self.stride, ::self.stride, :]
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
-
-
 def conv(features, kernel, *, stride=1, dilation=1, dtype=jnp.float32, name=None):
   """Bias-free k x k convolution with PyTorch's symmetric padding `dilation * (k - 1) / 2`."""
-  if kernel == 1 and jax.default_backend() == "cpu":
-    return PointwiseConv(features, stride=stride, dtype=dtype, name=name)
-  pad = dilation * (kernel - 1) // 2
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-      param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+  return Conv(features, kernel, stride=stride, padding=dilation * (kernel - 1) // 2,
+              dilation=dilation, dtype=dtype, kernel_init=conv_kernel_init, name=name)
 
 
 def batch_norm(train, *, dtype=jnp.float32, name=None):

@@ -1,0 +1,137 @@
+"""2-D convolution layer whose weight gradient XLA:CPU runs at matrix-product speed.
+
+XLA:CPU lowers the weight gradient of `lax.conv_general_dilated` as another convolution
+(the batch as input features, the output map as the window). For 1x1 kernels that runs
+at a few GFLOP/s (10x slower than PyTorch's), for 3x3 kernels at about half PyTorch's
+speed; forward and input gradient run as fast as PyTorch's. On CPU this layer keeps
+XLA's forward and input gradient and writes the weight gradient as one matrix product
+per kernel tap, dW[i, j] = G^T X_ij: G is the output gradient as (pixels, out), X_ij the
+input window of tap (i, j) as (pixels, in). G^T is materialised once behind an
+optimisation barrier, because XLA:CPU runs a product that contracts the leading axis of
+both operands at half speed and would otherwise fold the transpose back in. 1x1
+forwards are an einsum (XLA:CPU's 1x1 convolution is slower than its matrix product).
+
+The per-tap form is slower than XLA's own where one side has few channels (the 3-channel
+image convs, a 19-class head: its products are too skinny), so it is used for 1x1
+kernels and where both sides have at least `MIN_TAP_CHANNELS` channels. On GPU and TPU
+the layer is the plain `lax.conv_general_dilated` that `flax.linen.Conv` emits, so their
+compilers see exactly what they did before. Same parameters (`kernel` HWIO, `bias`),
+same maths; the gradients agree with XLA's to float32 rounding (tests/test_conv.py).
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# Measured on this 2-core CPU (scripts/compare_torch.py --ops and the per-layer timings in
+# the commit): the per-tap weight gradient wins from 32 channels on both sides, loses with
+# 3 input channels (2.5x) or 19 output channels (1.5-2x).
+MIN_TAP_CHANNELS = 32
+
+
+def _pairs(padding):
+  """int p -> ((p, p), (p, p)); pairs pass through."""
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  return tuple(tuple(int(v) for v in p) for p in padding)
+
+
+def plain_conv(x, kernel, stride, padding, dilation):
+  """XLA's convolution, as `flax.linen.Conv` emits it (no bias)."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                  rhs_dilation=(dilation, dilation),
+                                  dimension_numbers=_DIMENSIONS)
+
+
+def _forward(x, kernel, stride, padding, dilation):
+  if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+    return jnp.einsum("nhwc,cd->nhwd", x[:, ::stride, ::stride, :], kernel[0, 0])
+  return plain_conv(x, kernel, stride, padding, dilation)
+
+
+def tap_weight_grad(x, g, kernel_shape, stride, padding, dilation):
+  """dL/dW of the convolution from its input `x` and output gradient `g`, tap by tap."""
+  kh, kw, cin, cout = kernel_shape
+  n, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  gt = lax.optimization_barrier(g.reshape(-1, cout).T)  # (out, pixels), laid out as such
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                         (n, i * dilation + stride * (ho - 1) + 1,
+                          j * dilation + stride * (wo - 1) + 1, cin), (1, stride, stride, 1))
+      taps.append(jnp.dot(gt, window.reshape(-1, cin), preferred_element_type=jnp.float32))
+  dw = jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+  return dw.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _tap_conv(x, kernel, stride, padding, dilation):
+  return _forward(x, kernel, stride, padding, dilation)
+
+
+def _tap_conv_fwd(x, kernel, stride, padding, dilation):
+  return _forward(x, kernel, stride, padding, dilation), (x, kernel)
+
+
+def _tap_conv_bwd(stride, padding, dilation, residuals, g):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _forward(x, kernel, stride, padding, dilation), x)[1](g)[0]
+  dw = tap_weight_grad(x, g, kernel.shape, stride, padding, dilation)
+  return dx, dw.astype(kernel.dtype)
+
+
+_tap_conv.defvjp(_tap_conv_fwd, _tap_conv_bwd)
+
+
+def uses_tap_gradient(kernel_size, in_channels, out_channels, backend=None):
+  """Whether the layer takes the per-tap weight gradient (CPU only, see the module doc)."""
+  if (backend or jax.default_backend()) != "cpu":
+    return False
+  return kernel_size == 1 or min(in_channels, out_channels) >= MIN_TAP_CHANNELS
+
+
+def conv2d(x, kernel, *, stride=1, padding=0, dilation=1, tap_gradient=None):
+  """NHWC x HWIO convolution; `tap_gradient=None` picks the formulation as described."""
+  padding = _pairs(padding)
+  if tap_gradient is None:
+    tap_gradient = uses_tap_gradient(kernel.shape[0], kernel.shape[2], kernel.shape[3])
+  if not tap_gradient:
+    return plain_conv(x, kernel, stride, padding, dilation)
+  return _tap_conv(x, kernel, stride, padding, dilation)
+
+
+class Conv(nn.Module):
+  """`flax.linen.Conv` for square kernels and explicit padding, with `conv2d` inside.
+
+  Parameters are created exactly as `nn.Conv` creates them (names, shapes, float32,
+  initialisers), so checkpoints and weight converters see no difference.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: Any = 0
+  dilation: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = conv2d(x, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + jnp.reshape(bias.astype(self.dtype), (1, 1, 1, self.features))
+    return y

@@ -1,0 +1,92 @@
+"""The CPU convolution layer: XLA's numbers, nn.Conv's parameters, nn.Conv's graph off CPU."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from confeti_jax.models import conv as conv_mod
+from confeti_jax.models.conv import Conv, conv2d, plain_conv, uses_tap_gradient
+
+# (kernel, stride, padding, dilation, in, out): ResNet 1x1 (strided downsample too), 3x3
+# dilated and strided, the CUT discriminator's 4x4 and the generator's unpadded 7x7.
+CASES = [(1, 1, 0, 1, 40, 48), (1, 2, 0, 1, 40, 48), (3, 1, 1, 1, 32, 40),
+         (3, 2, 2, 2, 36, 32), (3, 1, 4, 4, 32, 33), (4, 1, 1, 1, 32, 32),
+         (7, 1, 0, 1, 32, 32)]
+
+
+def _data(k, cin, cout, seed=0, side=13):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(2, side, side + 2, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+  return x, w
+
+
+@pytest.mark.parametrize("k,stride,pad,dil,cin,cout", CASES)
+def test_tap_gradient_equals_xla_gradient(k, stride, pad, dil, cin, cout):
+  """Forward, input gradient and weight gradient agree with lax.conv's to f32 rounding."""
+  x, w = _data(k, cin, cout)
+  pads = ((pad, pad), (pad, pad))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  ref = lambda x, w: plain_conv(x, w, stride, pads, dil)
+  tap = lambda x, w: conv2d(x, w, stride=stride, padding=pad, dilation=dil, tap_gradient=True)
+  np.testing.assert_allclose(tap(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
+  g_tap = jax.jit(jax.grad(loss(tap), argnums=(0, 1)))(x, w)
+  for a, b in zip(g_tap, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_bfloat16_gradient_close_to_float32():
+  x, w = _data(3, 32, 32)
+  loss = lambda x, w: jnp.sum(conv2d(x, w, padding=1, tap_gradient=True).astype(jnp.float32))
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  rx, rw = jax.grad(loss, argnums=(0, 1))(x, w)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  assert float(jnp.abs(gw.astype(jnp.float32) - rw).max()) <= 2e-2 * float(jnp.abs(rw).max())
+
+
+def test_weight_gradient_is_matrix_products_not_a_convolution():
+  """The mechanism: the compiled weight gradient holds no convolution (XLA:CPU's slow
+  form), while XLA's own holds one."""
+  x, w = _data(1, 64, 64)
+  hlo = lambda tap: jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.sin(conv2d(
+      x, w, tap_gradient=tap))))).lower(w, x).compile().as_text()
+  assert "convolution(" in hlo(False)
+  assert "convolution(" not in hlo(True)
+
+
+def test_formulation_choice():
+  assert uses_tap_gradient(1, 3, 19, backend="cpu")
+  assert uses_tap_gradient(3, 64, 64, backend="cpu")
+  assert not uses_tap_gradient(3, 3, 64, backend="cpu")      # image input
+  assert not uses_tap_gradient(3, 2048, 19, backend="cpu")   # class head
+  assert not uses_tap_gradient(1, 64, 64, backend="gpu")
+  assert not uses_tap_gradient(3, 64, 64, backend="tpu")
+
+
+@pytest.mark.parametrize("k,pad,dil,bias", [(1, 0, 1, False), (3, 2, 2, True)])
+def test_layer_has_nn_conv_parameters_and_outputs(k, pad, dil, bias):
+  x, _ = _data(k, 40, 40)
+  ours = Conv(48, k, padding=pad, dilation=dil, use_bias=bias, name="c")
+  theirs = nn.Conv(48, (k, k), padding=((pad, pad), (pad, pad)), kernel_dilation=(dil, dil),
+                   use_bias=bias, bias_init=nn.initializers.zeros, name="c")
+  key = jax.random.key(3)
+  p_ours, p_theirs = ours.init(key, x), theirs.init(key, x)
+  assert jax.tree.map(jnp.shape, p_ours) == jax.tree.map(jnp.shape, p_theirs)
+  jax.tree.map(np.testing.assert_array_equal, p_ours, p_theirs)
+  np.testing.assert_allclose(ours.apply(p_ours, x), theirs.apply(p_theirs, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_off_cpu_the_graph_is_nn_convs(monkeypatch):
+  """On GPU/TPU the layer traces to exactly the jaxpr nn.Conv traces to."""
+  monkeypatch.setattr(conv_mod.jax, "default_backend", lambda: "gpu")
+  x, _ = _data(3, 40, 40)
+  ours = Conv(48, 3, stride=2, padding=1, use_bias=True, name="c")
+  theirs = nn.Conv(48, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True,
+                   name="c")
+  params = theirs.init(jax.random.key(0), x)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x)))
+  assert str(jax.make_jaxpr(grad(ours))(params)) == str(jax.make_jaxpr(grad(theirs))(params))
