@@ -81,9 +81,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _maybe_initialize_distributed()
   # After distributed init: these touch JAX.
-  from confeti_jax import failures, writer
+  from confeti_jax import compile_cache, failures, writer
 
   writer.quiet_library_logs()
+  compile_cache.enable()
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     _run(config, workdir)

@@ -116,9 +116,10 @@ def pipeline(config, workdir, baseline_workdir):
 
 def main(argv):
   del argv
-  from confeti_jax import writer
+  from confeti_jax import compile_cache, writer
 
   writer.quiet_library_logs()
+  compile_cache.enable()
   config = _CONFIG.value
   if _METHOD.value and _METHOD.value != config.method.name:
     raise app.UsageError(f"--method={_METHOD.value} but --config selects method "
