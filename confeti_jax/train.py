@@ -32,12 +32,22 @@ def abstract_with_shardings(abstract, shardings):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+# XLA:CPU options for a program that runs once: LLVM without optimisation compiles the
+# toy CONFETI initialisation in 6.5 s instead of 39 s and runs it in 0.3 s instead of
+# 0.2 s. The initial values may differ from an optimised build's in the last bit (6e-8
+# measured: FMA contraction), never more.
+RUN_ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 0,
+                        "xla_llvm_disable_expensive_passes": True}
+
+
 def create_state(method, config, mesh):
   """Initialises the state directly replicated on the mesh (eval_shape -> jit init)."""
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
   abstract = jax.eval_shape(method.init_state, init_key)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(method.init_state, out_shardings=shardings)(init_key)
+  options = RUN_ONCE_CPU_OPTIONS if jax.default_backend() == "cpu" else None
+  init = jax.jit(method.init_state, out_shardings=shardings).lower(init_key)
+  state = init.compile(compiler_options=options)(init_key)
   return state, abstract_with_shardings(abstract, shardings), shardings
 
 

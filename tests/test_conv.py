@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 
 from confeti_jax.models import conv as conv_mod
-from confeti_jax.models.conv import Conv, conv2d, plain_conv, uses_tap_gradient
+from confeti_jax.models.conv import (
+  Conv,
+  ConvParams,
+  conv2d,
+  plain_conv,
+  summed_dilated_conv,
+  uses_tap_gradient,
+)
 
 # (kernel, stride, padding, dilation, in, out): ResNet 1x1 (strided downsample too), 3x3
 # dilated and strided, the CUT discriminator's 4x4 and the generator's unpadded 7x7.
-CASES = [(1, 1, 0, 1, 40, 48), (1, 2, 0, 1, 40, 48), (3, 1, 1, 1, 32, 40),
+CASES = [(1, 1, 0, 1, 40, 48), (1, 2, 0, 1, 48, 40), (3, 1, 1, 1, 32, 40),
          (3, 2, 2, 2, 36, 32), (3, 1, 4, 4, 32, 33), (4, 1, 1, 1, 32, 32),
          (7, 1, 0, 1, 32, 32)]
 
@@ -90,3 +97,27 @@ def test_off_cpu_the_graph_is_nn_convs(monkeypatch):
   params = theirs.init(jax.random.key(0), x)
   grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x)))
   assert str(jax.make_jaxpr(grad(ours))(params)) == str(jax.make_jaxpr(grad(theirs))(params))
+
+
+def test_summed_head_equals_four_dilated_convolutions():
+  """DeepLabV2's CPU head: output, input and kernel gradients of the four-branch sum."""
+  dilations = (6, 12, 18, 24)
+  x, _ = _data(3, 40, 5, side=20)
+  kernels = [_data(3, 40, 5, seed=s)[1] for s in range(4)]
+  ref = lambda x, ks: sum(plain_conv(x, k, 1, ((d, d), (d, d)), d)
+                          for k, d in zip(ks, dilations))
+  ours = lambda x, ks: summed_dilated_conv(x, ks, dilations)
+  np.testing.assert_allclose(ours(x, kernels), ref(x, kernels), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, ks: jnp.sum(jnp.sin(f(x, ks)))
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(x, kernels)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, kernels)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_parameters_alone_are_the_layers_parameters():
+  x, _ = _data(3, 40, 40)
+  layer = Conv(48, 3, padding=1, use_bias=True, bias_init=nn.initializers.normal(), name="c")
+  alone = ConvParams(48, 3, use_bias=True, bias_init=nn.initializers.normal(), name="c")
+  key = jax.random.key(5)
+  jax.tree.map(np.testing.assert_array_equal, layer.init(key, x), alone.init(key, 40))

