@@ -21,6 +21,7 @@ from absl import logging
 
 from confeti_jax import augment, best_snapshot, checkpoint, methods, sharding
 from confeti_jax.data import labels, pipeline
+from confeti_jax.models.conv import compiler_options
 
 IGNORE_INDEX = 255
 # Pixels an int32 device-side running sum may absorb before it must move to the host.
@@ -352,7 +353,8 @@ class Evaluator:
                           stride=tuple(config.eval.stride))
     batch = sharding.batch_sharding(mesh)
     self._step = jax.jit(step, in_shardings=(sharding.replicated(mesh), batch, batch, batch),
-                         out_shardings=sharding.replicated(mesh))
+                         out_shardings=sharding.replicated(mesh),
+                         compiler_options=compiler_options())
     # Built (and its PNG headers checked) now, at start-up, not at the first evaluation.
     self._batches, _ = pipeline.make_eval_batches(
         config, dataset=self.dataset, batch_size=self._batch_size(),

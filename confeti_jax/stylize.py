@@ -31,6 +31,7 @@ from PIL import Image
 from confeti_jax import stages, style
 from confeti_jax.data import labels as labels_lib
 from confeti_jax.data import pipeline, sources
+from confeti_jax.models.conv import compiler_options
 
 GENERATOR_STAGES = ("stage2", "stage1", "stage0")  # newest first; then the workdir itself
 SIZE_MULTIPLE = 4
@@ -315,7 +316,7 @@ def _predictor(method, config):
         stride=tuple(config.eval.stride), num_classes=method.num_classes)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
-  return jax.jit(predict, static_argnums=2)
+  return jax.jit(predict, static_argnums=2, compiler_options=compiler_options())
 
 
 def demo_grid(config, workdir, method_variables=None, num=4, path=None):

@@ -22,6 +22,7 @@ from absl import logging
 
 from confeti_jax import checkpoint, evaluate, finite, methods, run_config, sharding, writer
 from confeti_jax.data import pipeline
+from confeti_jax.models.conv import compiler_options
 
 # Bookkeeping the loaders add to a batch (sources.SkipCorrupt, rcs): host-side only.
 _HOST_KEYS = ("skipped", "rcs_class")
@@ -45,9 +46,10 @@ def create_state(method, config, mesh):
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
   abstract = jax.eval_shape(method.init_state, init_key)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  options = RUN_ONCE_CPU_OPTIONS if jax.default_backend() == "cpu" else None
-  init = jax.jit(method.init_state, out_shardings=shardings).lower(init_key)
-  state = init.compile(compiler_options=options)(init_key)
+  cpu = jax.default_backend() == "cpu"
+  init = jax.jit(method.init_state, out_shardings=shardings,
+                 compiler_options={**compiler_options(), **RUN_ONCE_CPU_OPTIONS} if cpu else None)
+  state = init(init_key)
   return state, abstract_with_shardings(abstract, shardings), shardings
 
 
@@ -64,7 +66,7 @@ def make_train_step(method, config, mesh, state_shardings):
       step_fn,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=compiler_options())
 
 
 class _Preemption:

@@ -61,8 +61,7 @@ def pin(cores):
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
   if cores == 1:
     flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false"
-                               " intra_op_parallelism_threads=1").strip()
+    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 # -- the two sides' steps ---------------------------------------------------------------------
@@ -87,7 +86,8 @@ def jax_step(kind, arg, args):
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from confeti_jax.models import DeepLabV2, cut
+
+  from confeti_jax.models import DeepLabV2, conv, cut
 
   rng = np.random.default_rng(0)
   if kind == "deeplab":
@@ -121,7 +121,8 @@ def jax_step(kind, arg, args):
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), upd["batch_stats"], opt
   carry = (params, stats, tx.init(params))
-  compiled = jax.jit(step, donate_argnums=0).lower(carry).compile()
+  compiled = jax.jit(step, donate_argnums=0,
+                     compiler_options=conv.compiler_options()).lower(carry).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return compiled, carry, float(cost.get("flops", 0.0))
@@ -170,6 +171,8 @@ def jax_op(k, stride, dilation, cin, cout, side, batch, part):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
+  from confeti_jax.models.conv import compiler_options
   from confeti_jax.models.resnet import conv
 
   rng = np.random.default_rng(0)
@@ -182,7 +185,7 @@ def jax_op(k, stride, dilation, cin, cout, side, batch, part):
   fn = {"forward": lambda p, x, g: fwd(p, x),
         "input grad": lambda p, x, g: jax.vjp(lambda x: fwd(p, x), x)[1](g)[0],
         "weight grad": lambda p, x, g: jax.vjp(lambda p: fwd(p, x), p)[1](g)[0]}[part]
-  compiled = jax.jit(fn).lower(params, x, g).compile()
+  compiled = jax.jit(fn, compiler_options=compiler_options()).lower(params, x, g).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return (lambda: jax.block_until_ready(compiled(params, x, g))), float(cost.get("flops", 0))

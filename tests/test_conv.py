@@ -121,3 +121,17 @@ def test_parameters_alone_are_the_layers_parameters():
   alone = ConvParams(48, 3, use_bias=True, bias_init=nn.initializers.normal(), name="c")
   key = jax.random.key(5)
   jax.tree.map(np.testing.assert_array_equal, layer.init(key, x), alone.init(key, 40))
+
+
+def test_block_outputs_keep_their_own_buffers():
+  """The residual-chain barriers survive XLA:CPU's pipeline with `compiler_options` (and
+  would be dropped without), one per block of a ResNet-18."""
+  from confeti_jax.models.resnet import ResNetV1c
+
+  model = ResNetV1c(depth=18, width=0.125)
+  x = jnp.ones((1, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  hlo = lambda options: jax.jit(lambda v: model.apply(v, x, train=False),
+                                compiler_options=options).lower(variables).compile().as_text()
+  assert hlo(conv_mod.compiler_options()).count("opt-barrier") == 8
+  assert hlo(None).count("opt-barrier") == 0

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from confeti_jax import losses
-from confeti_jax.models.conv import Conv
+from confeti_jax.models.conv import Conv, own_buffer
 from confeti_jax.weights import WeightsError
 
 # torch init.xavier_normal_(gain=0.02): std = gain * sqrt(2 / (fan_in + fan_out)).
@@ -144,7 +144,7 @@ class ResnetBlock(nn.Module):
     y = _conv(self.features, 3, 0, self.dtype, "conv1")(_pad(x, 1, "reflect"))
     y = nn.relu(instance_norm(y))
     y = _conv(self.features, 3, 0, self.dtype, "conv2")(_pad(y, 1, "reflect"))
-    return x + instance_norm(y)
+    return own_buffer(x + instance_norm(y))
 
 
 _REMAT_BLOCK = nn.remat(ResnetBlock)

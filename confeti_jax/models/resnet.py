@@ -41,7 +41,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from confeti_jax.models.conv import Conv
+from confeti_jax.models.conv import Conv, own_buffer
 
 # depth -> (block kind, blocks per stage), as mmseg's ResNet.arch_settings.
 ARCH_SETTINGS = {
@@ -90,6 +90,11 @@ def conv(features, kernel, *, stride=1, dilation=1, dtype=jnp.float32, name=None
               dilation=dilation, dtype=dtype, kernel_init=conv_kernel_init, name=name)
 
 
+def block_output(y, identity):
+  """relu(y + identity) in its own buffer on CPU (`conv.own_buffer`)."""
+  return own_buffer(nn.relu(y + identity))
+
+
 def batch_norm(train, *, dtype=jnp.float32, name=None):
   """BatchNorm matching torch.nn.BatchNorm2d defaults (momentum 0.1, eps 1e-5).
 
@@ -124,7 +129,7 @@ class BasicBlock(nn.Module):
       identity = conv(self.out_features, 1, stride=self.stride, dtype=self.dtype,
                       name="downsample_conv")(x)
       identity = batch_norm(train, dtype=self.dtype, name="downsample_bn")(identity)
-    return nn.relu(y + identity)
+    return block_output(y, identity)
 
 
 class Bottleneck(nn.Module):
@@ -151,7 +156,7 @@ class Bottleneck(nn.Module):
       identity = conv(self.out_features, 1, stride=self.stride, dtype=self.dtype,
                       name="downsample_conv")(x)
       identity = batch_norm(train, dtype=self.dtype, name="downsample_bn")(identity)
-    return nn.relu(y + identity)
+    return block_output(y, identity)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
