@@ -3,8 +3,9 @@
 Compiling the training step, its initialisation and the evaluation takes longer than
 the first hundred toy steps; with the cache a restarted or repeated run reads the
 compiled programs from disk instead (measured in the README, "Speed"). The folder is
-`$XDG_CACHE_HOME/confeti_jax/xla` (default `~/.cache/confeti_jax/xla`), capped at
-`MAX_BYTES` (least recently used entries go first). JAX's own settings win:
+`xla/` in the project's cache folder (`$CONFETI_CACHE`, default `~/.cache/confeti_jax`,
+the toy benchmark's too), capped at `MAX_BYTES` (least recently used entries go
+first). JAX's own settings win:
 `JAX_COMPILATION_CACHE_DIR=/path` picks another folder, and
 `JAX_ENABLE_COMPILATION_CACHE=false` turns the cache off. A folder that cannot be
 written turns it off with a warning; it never stops a run.
@@ -20,8 +21,9 @@ MAX_BYTES = 2 * 1024**3
 
 
 def default_folder():
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "confeti_jax", "xla")
+  root = (os.environ.get("CONFETI_CACHE")
+          or os.path.join(os.path.expanduser("~"), ".cache", "confeti_jax"))
+  return os.path.join(root, "xla")
 
 
 def enable():

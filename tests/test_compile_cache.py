@@ -22,15 +22,15 @@ def fresh_jax_cache_settings():
 
 def test_on_by_default_under_the_user_cache_folder(tmp_path, monkeypatch,
                                                    fresh_jax_cache_settings):
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("CONFETI_CACHE", str(tmp_path))
   folder = compile_cache.enable()
-  assert folder == str(tmp_path / "confeti_jax" / "xla") and os.path.isdir(folder)
+  assert folder == str(tmp_path / "xla") and os.path.isdir(folder)
   assert jax.config.jax_compilation_cache_dir == folder
   assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
 
 
 def test_jax_settings_win(tmp_path, monkeypatch, fresh_jax_cache_settings):
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("CONFETI_CACHE", str(tmp_path))
   jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
   assert compile_cache.enable() == str(tmp_path / "mine")
   jax.config.update("jax_compilation_cache_dir", None)
@@ -41,8 +41,8 @@ def test_jax_settings_win(tmp_path, monkeypatch, fresh_jax_cache_settings):
 
 def test_unwritable_folder_turns_it_off_with_a_warning(tmp_path, monkeypatch, caplog,
                                                        fresh_jax_cache_settings):
-  (tmp_path / "confeti_jax").write_text("a file where the folder should be")
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  (tmp_path / "xla").write_text("a file where the folder should be")
+  monkeypatch.setenv("CONFETI_CACHE", str(tmp_path))
   assert compile_cache.enable() is None
   assert jax.config.jax_compilation_cache_dir is None
   assert "Compilation cache off" in caplog.text and "JAX_COMPILATION_CACHE_DIR" in caplog.text
