@@ -38,7 +38,7 @@ def compiler_options():
   """XLA options the CPU formulations rely on, for every `jax.jit` of a model (None off CPU).
 
   XLA:CPU removes optimisation barriers before fusion unless its barrier expander is
-  off; `resnet.block_output` needs its barriers to survive fusion.
+  off; `own_buffer` (residual block outputs) needs its barriers to survive fusion.
   """
   if jax.default_backend() != "cpu":
     return None
