@@ -80,6 +80,13 @@ def _numpy_like(shapes, rng):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def _flops(compiled):
+  """XLA's FLOP count of a compiled program (one device)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
 def jax_step(kind, arg, args):
   """(jitted step, initial carry, FLOPs per step) of the JAX side."""
   import jax
@@ -123,9 +130,7 @@ def jax_step(kind, arg, args):
   carry = (params, stats, tx.init(params))
   compiled = jax.jit(step, donate_argnums=0,
                      compiler_options=conv.compiler_options()).lower(carry).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return compiled, carry, float(cost.get("flops", 0.0))
+  return compiled, carry, _flops(compiled)
 
 
 def torch_step(kind, arg, args):
@@ -186,9 +191,7 @@ def jax_op(k, stride, dilation, cin, cout, side, batch, part):
         "input grad": lambda p, x, g: jax.vjp(lambda x: fwd(p, x), x)[1](g)[0],
         "weight grad": lambda p, x, g: jax.vjp(lambda p: fwd(p, x), p)[1](g)[0]}[part]
   compiled = jax.jit(fn, compiler_options=compiler_options()).lower(params, x, g).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return (lambda: jax.block_until_ready(compiled(params, x, g))), float(cost.get("flops", 0))
+  return (lambda: jax.block_until_ready(compiled(params, x, g))), _flops(compiled)
 
 
 def torch_op(k, stride, dilation, cin, cout, side, batch, part):

@@ -15,11 +15,10 @@ grouping labels 'backbone' as the base group and everything else as the x10 head
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from confeti_jax.models import heads
-from confeti_jax.models.conv import Conv, ConvParams, summed_dilated_conv
+from confeti_jax.models.conv import Conv, ConvParams, on_cpu, summed_dilated_conv
 from confeti_jax.models.resnet import ResNetV1c, check_stem
 
 # Backbone names accepted by DeepLabV2, mapped to ResNet depths.
@@ -113,7 +112,7 @@ class DeepLabV2(nn.Module):
     On CPU the four are computed together (`conv.summed_dilated_conv`, 3x faster there);
     the parameters are the same either way.
     """
-    if jax.default_backend() == "cpu":
+    if on_cpu():
       params = [ConvParams(self.num_classes, 3, use_bias=True, kernel_init=head_kernel_init,
                            name=f"{prefix}_{k}")(x.shape[-1])
                 for k in range(len(self.aspp_dilations))]
