@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from confeti_jax import losses
+from confeti_jax import augment, losses
 
 IGNORE_INDEX = 255
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -238,13 +238,18 @@ def gather_upsampled(features, index, out_hw):
 
 
 def cam_weighted_class_means(features, labels, weights, eligible, *, num_classes, top_n,
-                             ignore_index=IGNORE_INDEX):
+                             tie_key=None, ignore_index=IGNORE_INDEX):
   """Per class, the weighted mean of the top-n pixels by weight (the reference's loop).
 
-  For class c the candidates are the eligible pixels labelled c (flattened in b, y, x
-  order); the n with the largest weight are taken (`lax.top_k` puts the lower index
-  first on ties, as the reference's stable descending argsort does, which matters in
-  the warm-up when all weights are 1). f_c = sum(w F) / sum(w) over them, L2-normalised.
+  For class c the candidates are the eligible pixels labelled c; the n with the largest
+  weight are taken and f_c = sum(w F) / sum(w) over them, L2-normalised.
+
+  Ties matter in the warm-up, when every weight is 1: the reference takes
+  `argsort(w, descending=True)[:32]`, an unstable sort whose order among equal weights
+  is arbitrary. `lax.top_k` puts the lowest flat index first, which would always pick
+  the top-left pixels of each class. With `tie_key` the pixels are first put in a random
+  order drawn from it, so ties fall to a reproducible random subset (the closest
+  deterministic reading of an arbitrary order); without it, raster order.
 
   Args:
     features: [B, h, w, D] projections (not normalised), upsampled on the fly.
@@ -253,18 +258,23 @@ def cam_weighted_class_means(features, labels, weights, eligible, *, num_classes
     eligible: [B, H, W] bool, pixels allowed at all (e.g. source-pasted only).
     num_classes: K.
     top_n: pixels per class (32 in the reference).
+    tie_key: PRNG key of the random order among equal weights (None: raster order).
 
   Returns:
     (means [K, D] unit or zero rows, n_selected [K], weight_sums [K]).
   """
   b, h_out, w_out = labels.shape
-  classes = jnp.arange(num_classes, dtype=jnp.int32)
-  member = ((labels[..., None] == classes) & (labels != ignore_index)[..., None]
-            & eligible[..., None])                                   # [B, H, W, K]
+  member = _class_members(labels, eligible, num_classes, ignore_index)  # [B, H, W, K]
   scores = jnp.where(member, weights.astype(jnp.float32), -jnp.inf)
-  scores = scores.reshape(b * h_out * w_out, num_classes).T           # [K, N]
-  n = min(int(top_n), scores.shape[1])
-  top_w, index = jax.lax.top_k(scores, n)                             # [K, n]
+  scores = scores.reshape(b * h_out * w_out, num_classes)             # [N, K]
+  order = None
+  if tie_key is not None:
+    order = jax.random.permutation(tie_key, scores.shape[0])
+    scores = scores[order]
+  n = min(int(top_n), scores.shape[0])
+  top_w, index = jax.lax.top_k(scores.T, n)                           # [K, n]
+  if order is not None:
+    index = order[index]
   selected = top_w > -jnp.inf
   top_w = jnp.where(selected, top_w, 0.0)
   feats = gather_upsampled(features, index, (h_out, w_out))           # [K, n, D]
@@ -272,6 +282,35 @@ def cam_weighted_class_means(features, labels, weights, eligible, *, num_classes
   sums = jnp.einsum("kn,knd->kd", top_w, feats, precision=_HIGHEST)
   means = losses.l2_normalize(sums / jnp.where(weight_sums > 0, weight_sums, 1.0)[:, None])
   return means, jnp.sum(selected, axis=1).astype(jnp.float32), weight_sums
+
+
+def class_means_all_pixels(features, labels, eligible, *, num_classes,
+                           ignore_index=IGNORE_INDEX):
+  """Per class, the plain mean of the upsampled features over every eligible pixel
+  labelled c (the paper's 'w/o CAM' prototypes of Table 5), L2-normalised.
+
+  The upsampled map is never formed: the mean of bilinearly upsampled features equals
+  the low-resolution features weighted by the upsampling's adjoint applied to each
+  class mask. Returns (means [K, D], pixel counts [K], pixel counts [K]), the shape of
+  `cam_weighted_class_means`'s output.
+  """
+  b, h_out, w_out = labels.shape
+  member = _class_members(labels, eligible, num_classes, ignore_index).astype(jnp.float32)
+  h, w = features.shape[1:3]
+  upsample = lambda x: augment.resize_bilinear(x, (h_out, w_out), align_corners=True)
+  adjoint = jax.linear_transpose(upsample, jax.ShapeDtypeStruct((b, h, w, num_classes),
+                                                                jnp.float32))
+  (mass,) = adjoint(member)                                           # [B, h, w, K]
+  sums = jnp.einsum("bhwk,bhwd->kd", mass, features.astype(jnp.float32), precision=_HIGHEST)
+  counts = jnp.sum(member, axis=(0, 1, 2))
+  means = losses.l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
+  return means, counts, counts
+
+
+def _class_members(labels, eligible, num_classes, ignore_index):
+  classes = jnp.arange(num_classes, dtype=jnp.int32)
+  return ((labels[..., None] == classes) & (labels != ignore_index)[..., None]
+          & eligible[..., None])
 
 
 def update_prototypes(protos, means, n_selected, weight_sums, *, momentum):

@@ -20,7 +20,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # takes no arguments: an appended ':key=value' is an error
   config = common.base_config()
   config.seed = 1234
   config.method = common.method_config("cfcontra")

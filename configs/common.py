@@ -17,7 +17,8 @@ def parse_arg(arg, **defaults):
     key, _, raw = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; allowed: {sorted(defaults)}")
+      allowed = f"allowed: {sorted(defaults)}" if defaults else "this config takes none"
+      raise ValueError(f"Unknown config argument {key!r}; {allowed}")
     kind = type(defaults[key])
     values[key] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
   return ml_collections.ConfigDict(values)

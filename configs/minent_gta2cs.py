@@ -31,7 +31,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # takes no arguments: an appended ':key=value' is an error
   config = common.base_config()
   config.seed = 1234  # ADVENT / CFContra RANDOM_SEED
   config.method = common.method_config("minent")

@@ -125,6 +125,56 @@ def test_uniform_weights_take_the_first_pixels_in_raster_order():
   assert float(n_sel[0]) == 5 and float(w_sum[0]) == 5
 
 
+def _mean_row_of_selected(tie_key, weights=None):
+  """Mean row y of the 32 pixels selected for one class covering a 2x16x16 image."""
+  rows = np.broadcast_to(np.arange(16, dtype=np.float32)[None, :, None], (2, 16, 16))
+  v = np.stack([rows, np.ones_like(rows)], -1)                 # features (y, 1)
+  weights = jnp.ones((2, 16, 16, 1)) if weights is None else weights
+  means, n_sel, _ = protos_lib.cam_weighted_class_means(
+      jnp.asarray(v), jnp.zeros((2, 16, 16), jnp.int32), weights, jnp.ones((2, 16, 16), bool),
+      num_classes=1, top_n=32, tie_key=tie_key)
+  assert float(n_sel[0]) == 32
+  return float(means[0, 0] / means[0, 1]), np.asarray(means)
+
+
+def test_tied_weights_take_a_keyed_random_subset_not_the_top_rows():
+  """Warm-up (every weight 1): raster order would take rows 0-1 (mean row 0.5) of a class
+  filling rows 0-15; a keyed random order spreads the 32 pixels over the class (mean row
+  7.5 in expectation), reproducibly per key. Without ties the key changes nothing."""
+  raster, _ = _mean_row_of_selected(None)
+  assert raster == pytest.approx(0.5)
+  draws = [_mean_row_of_selected(jax.random.key(i))[0] for i in range(40)]
+  assert abs(np.mean(draws) - 7.5) < 0.6 and min(draws) > 2.0 and np.std(draws) > 0.3
+  assert _mean_row_of_selected(jax.random.key(3))[0] == draws[3]
+  rng = np.random.default_rng(0)
+  distinct = jnp.asarray(rng.permutation(512).reshape(2, 16, 16, 1).astype(np.float32))
+  np.testing.assert_allclose(_mean_row_of_selected(jax.random.key(5), distinct)[1],
+                             _mean_row_of_selected(None, distinct)[1], rtol=1e-6)
+
+
+def test_mean_weighting_equals_the_mean_of_the_upsampled_features():
+  """'w/o CAM' prototypes: the plain mean of every eligible class pixel's upsampled
+  feature (numpy: the full upsampling, then a masked mean), L2-normalised."""
+  rng = np.random.default_rng(2)
+  b, h, w, d, k, out = 2, 4, 5, 3, 4, (9, 13)
+  v = rng.normal(size=(b, h, w, d)).astype(np.float32)
+  labels = rng.integers(0, k - 1, size=(b, *out)).astype(np.int32)   # class 3 never seen
+  labels[1, :2] = 255
+  eligible = rng.random((b, *out)) < 0.7
+  means, counts, sums = protos_lib.class_means_all_pixels(
+      jnp.asarray(v), jnp.asarray(labels), jnp.asarray(eligible), num_classes=k)
+  feats = np_upsample_align_corners(v, *out)
+  for c in range(k):
+    sel = (labels == c) & eligible
+    assert float(counts[c]) == sel.sum() == float(sums[c])
+    if sel.sum() == 0:
+      assert np.all(np.asarray(means[c]) == 0)
+      continue
+    mean = feats[sel].mean(0)
+    np.testing.assert_allclose(np.asarray(means[c]), mean / np.linalg.norm(mean),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_gathered_upsampled_features_equal_the_full_upsampling():
   rng = np.random.default_rng(1)
   v = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)

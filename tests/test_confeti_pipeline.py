@@ -45,6 +45,12 @@ def test_stage_plan_hands_each_stage_its_predecessor(tmp_path):
   assert tuple(c2.data.crop_size) == tuple(config.method.stage2_crop)
   assert tuple(c1.data.crop_size) == tuple(config.data.crop_size)
   assert confeti.CONFETI.stage_plan(tiny_config(pixel_alignment=False), str(tmp_path)) is None
+  # Training-free styles have no generator, so no CUT stage 0 is scheduled.
+  for style_name in ("fda", "gpa"):
+    plan = confeti.CONFETI.stage_plan(tiny_config(style=style_name), str(tmp_path))
+    assert [name for name, _, _ in plan] == ["stage1", "stage2"]
+  with pytest.raises(ValueError, match="trains only CUT"):
+    confeti.CONFETI.stage_plan(tiny_config(style="fda", stages="0"), str(tmp_path))
   with pytest.raises(ValueError, match="stages"):
     confeti.parse_stages("1,3")
   # The second stage alone needs a generator: the error names the missing stage 1 run.

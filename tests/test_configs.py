@@ -68,6 +68,13 @@ def test_unknown_config_argument_is_an_error():
     _exec(os.path.join(ROOT, "configs", "toy.py") + ":metod=dacs")
 
 
+@pytest.mark.parametrize("name", ["minent_gta2cs.py", "cfcontra_gta2cs.py", "adain_gta2cs.py"])
+def test_argument_free_configs_refuse_an_appended_method(name):
+  """These configs take no ':key=value'; an appended ':method=...' used to be dropped."""
+  with pytest.raises(ValueError, match="'method'; this config takes none"):
+    _exec(os.path.join(ROOT, "configs", name) + ":method=dacs")
+
+
 @pytest.mark.parametrize("name", ["minent_gta2cs.py", "cfcontra_gta2cs.py"])
 def test_advent_family_squashes_gta5_to_the_crop(name):
   """MinEnt / CFContra resize GTA5's 1914x1052 to exactly 1280x640 (aspect not kept),

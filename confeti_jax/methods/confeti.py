@@ -48,11 +48,12 @@ STREAM_PCL_MIXED = 12
 STREAM_PCL_TARGET = 13
 STREAM_PATCHES = 14
 STREAM_CUT_INIT = 15
+STREAM_PROTO_TIES = 17
 
 PHI_KEY = "reg_proj"  # the reference's name for phi, a top-level entry of the student params
 
 PROTO_SOURCES = ("mixed", "source")
-WEIGHTINGS = ("cam", "uniform")
+WEIGHTINGS = ("cam", "uniform", "mean")
 TARGET_PCL = ("joint", "always", "never")
 STYLES = ("cut", "fda")
 STYLE_TRAINING = ("joint", "frozen")
@@ -162,11 +163,17 @@ class CONFETI(dacs.DACS):
     stage 0 when that is in the plan (or was run), else imported (cut.gen_weights) or
     random; stage 2 trains a fresh segmentor at `stage2_crop` with the generator
     frozen from stage 1 (or imported). None without pixel alignment: one stage in place.
+    A style without a generator (FDA, GPA) has no stage 0: nothing would read its CUT.
     """
     m = config.method
     if not m.pixel_alignment:
       return None
     wanted = parse_stages(m.stages)
+    if m.style != "cut" and 0 in wanted:
+      wanted = [s for s in wanted if s != 0]
+      if not wanted:
+        raise ValueError(f"method.stages={m.stages!r} trains only CUT, which "
+                         f"method.style={m.style!r} does not use.")
     plan = []
     for s in wanted:
       updates = {"method.stage": s, "method.stages": str(s)}
@@ -246,10 +253,14 @@ class CONFETI(dacs.DACS):
       stats = teacher["batch_stats"]
     return jax.lax.stop_gradient(feats["proj"]), jax.lax.stop_gradient(feats["cam"]), stats
 
-  def update_prototypes(self, protos, prep, step):
+  def update_prototypes(self, protos, prep, step, key):
     """Step 7 of the reference: the prototype update from teacher features (§3.3).
 
-    Returns the new prototypes and the teacher after its extra pass (BN statistics).
+    `proto.weighting`: 'cam' (reference: top-32 by CAM weight, uniform in the warm-up),
+    'uniform' (top-32 with weight 1 throughout), 'mean' (every class pixel, weight 1:
+    the paper's 'w/o CAM' of Table 5). Ties among equal weights fall to a random subset
+    keyed by `key` (the reference's unstable argsort). Returns the new prototypes and
+    the teacher after its extra pass (BN statistics).
     """
     teacher = prep["teacher"]
     if self.proto_source == "mixed":
@@ -261,13 +272,17 @@ class CONFETI(dacs.DACS):
       eligible = jnp.ones(labels.shape, bool)
     proj, cam, stats = self.teacher_features(teacher, images)
     uniform = jnp.ones(labels.shape + (self.num_classes,), jnp.float32)
-    if self.weighting == "cam":
-      cam_up = augment.resize_bilinear(cam, labels.shape[1:3], align_corners=True)
-      weights = jnp.where(self.gates(step)["cam_weights"], cam_up, uniform)
+    if self.weighting == "mean":
+      means, n_sel, w_sum = protos_lib.class_means_all_pixels(
+          proj, labels, eligible, num_classes=self.num_classes)
     else:
       weights = uniform
-    means, n_sel, w_sum = protos_lib.cam_weighted_class_means(
-        proj, labels, weights, eligible, num_classes=self.num_classes, top_n=self.top_n)
+      if self.weighting == "cam":
+        cam_up = augment.resize_bilinear(cam, labels.shape[1:3], align_corners=True)
+        weights = jnp.where(self.gates(step)["cam_weights"], cam_up, uniform)
+      means, n_sel, w_sum = protos_lib.cam_weighted_class_means(
+          proj, labels, weights, eligible, num_classes=self.num_classes, top_n=self.top_n,
+          tie_key=key)
     new = protos_lib.update_prototypes(protos, means, n_sel, w_sum, momentum=self.momentum)
     return new, {"params": teacher["params"], "batch_stats": stats}
 
@@ -318,7 +333,8 @@ class CONFETI(dacs.DACS):
     step = state.step
     p, protos = None, state.protos
     if self.proto_enabled:
-      protos, prep["teacher"] = self.update_prototypes(state.protos, prep, step)
+      protos, prep["teacher"] = self.update_prototypes(
+          state.protos, prep, step, jax.random.fold_in(key, STREAM_PROTO_TIES))
       p = protos.protos
     gates = self.gates(step)
     f32 = lambda c: jnp.asarray(c, jnp.float32)
