@@ -137,7 +137,7 @@ def _confeti():
       stage2_crop=(640, 640),  # stage 1 uses data.crop_size (512)
       cut_from="",             # workdir whose checkpoint gives G (and D, F); set by the plan
       pixel_alignment=True,    # style module (+ L_SC when joint); False = model B
-      style="cut",             # 'cut' (reference) | 'fda' (Table 4, fixed Fourier swap)
+      style="cut",             # 'cut' (reference) | 'fda' / 'gpa' (Table 4, training-free)
       style_training="joint",  # 'joint' (reference) | 'frozen' (offline; Table 3 A, C)
       sc_loss="prototype",     # 'prototype' (reference L_SC) | 'mse' | 'ce' | 'none' (Table 4)
       sc_weight=0.1,

@@ -25,7 +25,7 @@ reference's inequalities (CAM mixed `> 2000`, PCL source `> 3000`, PCL mixed `>=
 CAM weights `> 3000`, target `> 3000`) as `jnp.where` / `lax.cond` on `state.step`.
 
 Variants (paper Tables 3-5): `pixel_alignment=False` is model B; `proto.pcl=False`
-models D/E; `stages` one- or two-stage; `style` cut/fda; `style_training` joint/frozen
+models D/E; `stages` one- or two-stage; `style` cut/fda/gpa; `style_training` joint/frozen
 (models A, C); `sc_loss` prototype/mse/ce/none; `proto.source` / `proto.weighting`.
 Approximation: parameters that get no gradient in a step (e.g. the projection head
 before step 3000) still receive AdamW's weight decay here; torch skips them.
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from confeti_jax import augment, losses, stages, style
+from confeti_jax import augment, gpa, losses, stages, style
 from confeti_jax import prototypes as protos_lib
 from confeti_jax import state as state_lib
 from confeti_jax.methods import dacs
@@ -55,7 +55,7 @@ PHI_KEY = "reg_proj"  # the reference's name for phi, a top-level entry of the s
 PROTO_SOURCES = ("mixed", "source")
 WEIGHTINGS = ("cam", "uniform", "mean")
 TARGET_PCL = ("joint", "always", "never")
-STYLES = ("cut", "fda")
+STYLES = ("cut", "fda", "gpa")
 STYLE_TRAINING = ("joint", "frozen")
 SC_LOSSES = losses.SC_VARIANTS + ("none",)
 
@@ -316,6 +316,9 @@ class CONFETI(dacs.DACS):
     if self.style == "fda":
       out = style.fda_source_to_target(batch["source"]["image"], batch["target"]["image"],
                                        self.fda_beta)
+      return augment.normalize(out), None
+    if self.style == "gpa":
+      out = gpa.gpa_source_to_target(batch["source"]["image"], batch["target"]["image"])
       return augment.normalize(out), None
     xs = style.pixels_to_cut(batch["source"]["image"])
     if not self.trains_generator:
