@@ -83,8 +83,8 @@ def test_gpa_style_runs_in_the_confeti_step():
   import os
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import toy
   from confeti_jax import methods
+  from configs import toy
 
   config = toy.get_config("method=confeti,tiny=1")
   config.method.style = "gpa"
