@@ -11,7 +11,9 @@ PYTEST_ARGS ?=
 # the suite is mostly single-threaded XLA compilation, so this fills CI's 2 cores.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo demo-quick test lint venv clean
+PAPER_ROWS_ROOT ?= workdirs/paper_rows_tiny
+
+.PHONY: demo demo-quick test lint venv clean paper-rows
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,12 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# Every paper row (configs/paper_rows.py) trained 3 steps per stage on the tiny toy: a
+# check that each command runs, about half an hour on a 2-core CPU; not part of `test`.
+paper-rows: $(VENV)/.installed
+	$(PY) scripts/paper_tables.py --setting=toy --tiny --rows='*' --seeds=0 \
+	    --root=$(PAPER_ROWS_ROOT) --skip_rows_needing_inputs
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache

@@ -164,6 +164,45 @@ def _confeti():
   )
 
 
+# CONFETI's Table 3 rows (paper §4.3): the baseline is method=dacs; A-E are CONFETI with
+# parts removed. "Offline" = CUT trained alone (stage 0), then frozen while the segmentor
+# trains (one stage); "joint" = CUT trained with the segmentor (stage 1); "two-stage" adds
+# the fresh segmentor on the frozen generator (stage 2). Without PCL the prototypes are
+# still estimated (CAM head + projection), since L_SC reads them.
+TABLE3_MODELS = {
+    "A": dict(stages="0,1", style_training="frozen", proto_enabled=False, pcl=False),
+    "B": dict(pixel_alignment=False, pcl=True),
+    "C": dict(stages="0,1", style_training="frozen", pcl=True),
+    "D": dict(stages="0,1", pcl=False),
+    "E": dict(stages="0,1,2", pcl=False),
+}
+
+
+def apply_table3_model(config, model, stage="all"):
+  """Turns a CONFETI config into Table 3's model A-E ('' = CONFETI itself).
+
+  `stage` other than 'all' keeps a single stage of that model's plan (e.g. to rerun it).
+  """
+  if not model:
+    return config
+  if model not in TABLE3_MODELS:
+    raise ValueError(f"model must be one of {sorted(TABLE3_MODELS)} (Table 3) or empty, got "
+                     f"{model!r}; the baseline is method=dacs.")
+  if config.method.name != "confeti":
+    raise ValueError(f"model={model} is a CONFETI variant; it needs method=confeti.")
+  row = dict(TABLE3_MODELS[model])
+  m = config.method
+  m.proto.enabled = row.pop("proto_enabled", True)
+  m.proto.pcl = row.pop("pcl")
+  stages = row.pop("stages", m.stages)
+  if stage != "all" and str(stage) not in stages.split(","):
+    raise ValueError(f"model {model} trains stages {stages}; stage={stage} is not one of them.")
+  m.stages = stages if stage == "all" else str(stage)
+  for key, value in row.items():
+    m[key] = value
+  return config
+
+
 def _minent():
   """ADVENT MinEnt (peers.md §3.1): entropy weights and the multi-level head."""
   return dict(

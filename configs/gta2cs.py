@@ -32,15 +32,31 @@ workdir must hold a finished run, or give the weights, e.g. the released CUT G).
       --config.data.crop_size='(64,64)' --config.data.rcs.min_pixels=50 \
       --config.train.steps=4 --config.eval.resize=True --config.eval.scale='(160,80)'
 
-Arguments (`:key=value,...`): method (default confeti), stage (all | 0 | 1 | 2, CONFETI),
-crop (512 | 640), eval (full | 1280), rcs (1 | 0).
+Arguments (`:key=value,...`): method (default confeti), model (A-E: CONFETI's Table 3
+rows, configs/common.py TABLE3_MODELS; the baseline is method=dacs), stage (all | 0 | 1 |
+2, CONFETI), res (low | full: CONFETI-dagger, 1024 crops on native-size inputs), crop
+(512 | 640), eval (full | 1280), rcs (1 | 0).
 """
 
 from configs import common
 
+# CONFETI-dagger (Table 1, 63.3): full resolution with 1024 crops, for the comparison
+# with HRDA, whose data protocol it takes: GTA5 into 2560x1440 and SYNTHIA into
+# 2560x1520 (keep-ratio, i.e. upscaled), Cityscapes at its native 2048x1024, evaluation
+# on the full image by 1024 sliding windows with stride 512. Both segmentor stages crop
+# 1024. Memory (scripts/benchmark.py --compile_only, README "Full resolution"): the
+# joint stage at batch 2 + 2 needs bf16 and remat on a 24 GB device.
+FULL_RES_SOURCE_SCALE = {"gta5": (2560, 1440), "synthia": (2560, 1520)}
+FULL_RES_CROP = 1024
+
 
 def apply_protocol(config, args):
   """The settings gta2cs and synthia2cs share: crops, RCS, evaluation resolution."""
+  if args.res == "full":
+    return _apply_full_resolution(config, args)
+  if args.res != "low":
+    raise ValueError(f"res must be 'low' (1280 inputs, the default) or 'full' (CONFETI-dagger:"
+                     f" native inputs, 1024 crops), got {args.res!r}.")
   if args.crop not in (512, 640):
     raise ValueError(f"crop must be 512 (stage 1) or 640 (stage 2), got {args.crop}.")
   config.data.crop_size = (args.crop, args.crop)
@@ -56,6 +72,24 @@ def apply_protocol(config, args):
   return config
 
 
+def _apply_full_resolution(config, args):
+  if args.crop != 512 or args.eval != "full":
+    raise ValueError("res=full fixes the crops (1024) and the evaluation (full image, "
+                     "sliding windows); leave crop and eval unset.")
+  config.data.source.scale = FULL_RES_SOURCE_SCALE[config.data.source.kind]
+  config.data.target.scale = (2048, 1024)
+  config.data.crop_size = (FULL_RES_CROP, FULL_RES_CROP)
+  config.data.rcs.enabled = bool(args.rcs)
+  if "stage2_crop" in config.method:
+    config.method.stage2_crop = (FULL_RES_CROP, FULL_RES_CROP)
+  config.eval.resize = False
+  config.eval.scale = (2048, 1024)
+  config.eval.mode = "slide"
+  config.eval.crop_size = (FULL_RES_CROP, FULL_RES_CROP)
+  config.eval.stride = (FULL_RES_CROP // 2, FULL_RES_CROP // 2)
+  return config
+
+
 def apply_method(config, args):
   """The method sub-config; self-training keeps the reference's fixed 15 / 120 ignored rows
   at both crop sizes, and CONFETI runs the stages `args.stage` names."""
@@ -66,11 +100,12 @@ def apply_method(config, args):
     config.method.stages = "0,1,2" if args.stage == "all" else args.stage
   elif args.stage != "all":
     raise ValueError(f"stage={args.stage!r} applies to method=confeti only.")
-  return config
+  return common.apply_table3_model(config, args.model, args.stage)
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, method="confeti", stage="all", crop=512, eval="full", rcs=1)
+  args = common.parse_arg(arg, method="confeti", model="", stage="all", res="low", crop=512,
+                          eval="full", rcs=1)
   config = common.base_config()
   apply_method(config, args)
   config.data.source.kind = "gta5"

@@ -17,7 +17,8 @@ labels' class ids read from the first channel of the 16-bit GT/LABELS PNGs
       --config.data.target.root=/data/cityscapes --config.model.pretrained=r101_v1c.npz
 
 Arguments (`:key=value,...`): method (default confeti: the whole pipeline, as gta2cs.py),
-stage (all | 0 | 1 | 2), classes (19 | 16), crop (512 | 640), eval (full | 1280), rcs (1 | 0).
+model (A-E, as gta2cs.py), stage (all | 0 | 1 | 2), classes (19 | 16), res (low | full, as
+gta2cs.py), crop (512 | 640), eval (full | 1280), rcs (1 | 0).
 """
 
 from confeti_jax.data import labels
@@ -25,8 +26,8 @@ from configs import common, gta2cs
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, method="confeti", stage="all", classes=19, crop=512,
-                          eval="full", rcs=1)
+  args = common.parse_arg(arg, method="confeti", model="", stage="all", classes=19, res="low",
+                          crop=512, eval="full", rcs=1)
   if args.classes not in (16, 19):
     raise ValueError(f"classes must be 19 (DAFormer/CONFETI) or 16 (ProDA/CONFETII), "
                      f"got {args.classes}.")

@@ -10,18 +10,26 @@ Sizes are small enough for a 2-core CPU; every one of them can be overridden.
   python -m confeti_jax.main --config=configs/toy.py --workdir=workdirs/toy --mode=eval \
       --config.eval.dataset=source   # source-val mIoU, to measure the domain gap
 
-Arguments (`:key=value,...`): method (default source_only), tiny (1 = test-sized run).
-method=cut trains CUT alone (CONFETI's stage 0) with a narrow generator.
+Arguments (`:key=value,...`): method (default source_only), tiny (1 = test-sized run),
+model (A-E with method=confeti: CONFETI's Table 3 rows, as gta2cs.py), class_set
+(cityscapes19 | synthia19 | synthia16: the SYNTHIA rows' evaluation, mIoU16 / mIoU13, and
+the 16-class head). method=cut trains CUT alone
+(CONFETI's stage 0) with a narrow generator. Every row of scripts/paper_tables.py has a
+miniature here (`--setting=toy`).
 """
 
-from configs import common
+from confeti_jax.data import labels
+from configs import common, synthia2cs
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, method="source_only", tiny=0)
+  args = common.parse_arg(arg, method="source_only", tiny=0, model="", class_set="cityscapes19")
   config = common.base_config()
   config.seed = 0
   config.method = common.method_config(args.method)
+  config.class_set = args.class_set
+  config.num_classes = len(labels.class_set(args.class_set)[0])
+  synthia2cs.remap_thing_classes(config)
 
   config.model.backbone = "resnet18"
   config.model.width = 0.25
@@ -85,4 +93,4 @@ def get_config(arg=None):
     # Stage 2 crops 640/512 = 1.25 x stage 1's; stage 0 a third of a segmentor stage.
     config.method.stage0_steps = 3 if args.tiny else 400
     config.method.stage2_crop = (80, 80) if args.tiny else (160, 160)
-  return config
+  return common.apply_table3_model(config, args.model)

@@ -11,7 +11,7 @@ from confeti_jax import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                      if not os.path.basename(p).startswith(("_", "common")))
+                      if not os.path.basename(p).startswith(("_", "common", "paper_rows")))
 REQUIRED = ("seed", "train.steps", "train.batch_size", "data.source.root", "data.target.root",
             "data.crop_size", "eval.every_steps", "method.name", "model.backbone", "model.width",
             "model.dtype")
