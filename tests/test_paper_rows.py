@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import result_tables  # noqa: E402
+
 from configs import paper_rows  # noqa: E402
 from tests.test_configs import _exec  # noqa: E402
 
