@@ -115,6 +115,13 @@ def _is_backbone_batch_norm(path):
   return names[0] == "backbone" and any(re.fullmatch(r"(.*_)?bn\d*", n) for n in names[1:-1])
 
 
+def decay_mask(params):
+  """True for every leaf but those of LayerNorms (a module named 'norm' or 'normN')."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(re.fullmatch(r"norm\d*", str(getattr(k, "key", k)))
+                              for k in path[:-1]), params)
+
+
 def segmentor_labels(params, *, freeze_bn=False, frozen=()):
   """`head_or_backbone` with 'frozen' for frozen BN affine params and frozen modules."""
   def relabel(path, label):
@@ -127,15 +134,19 @@ def segmentor_labels(params, *, freeze_bn=False, frozen=()):
 def segmentor_optimizer(optim_cfg, total_steps, *, frozen=()):
   """The segmentor's optimiser, heads at x`head_lr_mult`: AdamW (reference) or SGD (ADVENT).
 
-  'adamw': weight decay on all params. 'sgd': torch.optim.SGD as ADVENT uses it, the
-  weight decay added to the gradient before the momentum (coupled), momentum without
-  dampening or Nesterov. `optim.freeze_bn` leaves the backbone's BatchNorm scale/bias
-  untouched (ADVENT sets requires_grad=False on them: no update and no decay); `frozen`
-  names top-level modules that are never trained (CFContra's projection head).
+  'adamw': weight decay on all params, or with `optim.norm_decay=False` on all but
+  LayerNorm parameters (modules named norm / normN; DAFormer's paramwise `norm`
+  decay_mult 0, which matches MiT's LayerNorms and not the head's BatchNorms).
+  'sgd': torch.optim.SGD as ADVENT uses it, the weight decay added to the gradient before
+  the momentum (coupled), momentum without dampening or Nesterov. `optim.freeze_bn`
+  leaves the backbone's BatchNorm scale/bias untouched (ADVENT sets requires_grad=False
+  on them: no update and no decay); `frozen` names top-level modules that are never
+  trained (CFContra's projection head).
   """
   if optim_cfg.name == "adamw":
+    mask = None if optim_cfg.get("norm_decay", True) else decay_mask
     make = lambda fn: optax.adamw(fn, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                                  weight_decay=optim_cfg.weight_decay)
+                                  weight_decay=optim_cfg.weight_decay, mask=mask)
   elif optim_cfg.name == "sgd":
     make = lambda fn: optax.chain(
         optax.add_decayed_weights(optim_cfg.weight_decay),

@@ -31,6 +31,8 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from confeti_jax import weights_mit
+
 CONVERTERS = {}
 CONVERT_COMMAND = "python scripts/convert_weights.py IN.pth OUT.npz"
 _SHOW = 8  # keys listed in an error
@@ -256,6 +258,19 @@ def convert_mmseg_deeplabv2(state_dict):
   return _finish(flat, unknown, "mmseg DeepLabV2")
 
 
+@register("mit")
+def convert_mit(state_dict):
+  """SegFormer ImageNet `mit_bN.pth` (confeti_jax/weights_mit.py has the renaming)."""
+  prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
+  return _finish(*weights_mit.convert_mit(state_dict, prefix), "MiT")
+
+
+@register("daformer")
+def convert_daformer(state_dict):
+  """Whole DAFormer / SegFormer segmentor (MiT backbone.*, decode_head.*; 'model.' taken)."""
+  return _finish(*weights_mit.convert_daformer(state_dict), "DAFormer")
+
+
 @register("vgg19_normalised")
 def convert_vgg19_normalised(state_dict):
   """pytorch-AdaIN `vgg_normalised.pth` -> the AdaIN VGGEncoder (models/adain.py)."""
@@ -318,6 +333,10 @@ def detect_format(state_dict):
   has = lambda pattern: any(re.search(pattern, k) for k in keys)
   if has(r"(^|\.)decode_head\.aspp_modules\."):
     return "mmseg_deeplabv2"
+  if has(r"(^|\.)backbone\.patch_embed1\.") and has(r"(^|\.)decode_head\."):
+    return "daformer"
+  if has(r"^(backbone\.)?patch_embed1\.proj\.weight$"):
+    return "mit"
   if has(r"^(backbone\.)?stem\.0\.weight$"):
     return "mmseg_resnet_v1c"
   if has(r"^conv1\.0\.weight$"):
@@ -417,19 +436,22 @@ def load_into(variables, path, *, what="backbone", fmt="auto"):
   Errors name the path, the key layout that was expected and the conversion command.
   """
   layouts = {
-      "backbone": ("an ImageNet ResNet backbone: open-mmlab resnet101_v1c (keys stem.N, "
+      "backbone": ("an ImageNet backbone: open-mmlab resnet101_v1c (keys stem.N, "
                    "layerI.J.convK) or timm resnet101c with model.stem=deep, torchvision / "
-                   "timm resnet101 (conv1, bn1, layerI.J...) with model.stem=7x7",
+                   "timm resnet101 (conv1, bn1, layerI.J...) with model.stem=7x7, or "
+                   "SegFormer mit_bN.pth (patch_embedI, blockI.J) with model.backbone=mit_bN",
                    lambda m: m == "backbone"),
-      "segmentor": ("a whole mmseg DeepLabV2 (backbone.*, decode_head.aspp_modules.K.conv.*, "
-                    "optionally under 'model.' as in CONFETI/DAFormer checkpoints)",
-                    lambda m: m == "backbone" or m.startswith("aspp_")),
+      "segmentor": ("a whole mmseg DeepLabV2 (backbone.*, decode_head.aspp_modules.K.conv.*) "
+                    "or DAFormer / SegFormer (MiT backbone.*, decode_head.*), optionally "
+                    "under 'model.' as in CONFETI/DAFormer checkpoints",
+                    lambda m: m in ("backbone", "bottleneck", "conv_seg", "fuse")
+                    or m.startswith(("aspp_", "embed_"))),
   }
   expected, select = layouts[what]
   path = os.fspath(path)
   try:
     converted = convert(load_state_dict(path), fmt)
-    if what == "backbone" and "aspp_0" in converted.get("params", {}):
+    if what == "backbone" and len(converted.get("params", {})) > 1:  # a whole segmentor
       converted = {c: {"backbone": t["backbone"]} for c, t in converted.items()}
     return merge(variables, converted, select=select, source=f"{path!r}")
   except WeightsError as e:

@@ -37,6 +37,9 @@ def base_config():
       backbone="resnet101", width=1.0, dtype="float32", aspp_dilations=(6, 12, 18, 24),
       remat="",  # backbone stages recomputed in backward: '', 'all' or e.g. 'layer3,layer4'
       stem="deep",  # 'deep' (ResNet-V1c, reference) | '7x7' (torchvision/timm resnetNN weights)
+      # backbone 'mit_b0'..'mit_b5' builds DAFormer (MiT encoder + this decoder) instead of
+      # DeepLabV2: 'daformer' (context-aware fusion) | 'segformer' (all-MLP head).
+      decoder="daformer",
   ))
   # Weights (confeti_jax/weights.py; convert .pth once with scripts/convert_weights.py):
   # `pretrained` = ImageNet backbone (.npz/.safetensors; the reference loads
@@ -81,6 +84,7 @@ def base_config():
       name="adamw", lr=6e-5, head_lr_mult=10.0, weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8, poly_power=1.0, min_lr=0.0,
       warmup_steps=1500, warmup_ratio=1e-6,
+      norm_decay=True,  # False: no weight decay on LayerNorms (DAFormer's paramwise cfg)
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

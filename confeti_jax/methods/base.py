@@ -24,7 +24,8 @@ class SegmentorMethod:
     self.model = models.build_segmentor(config.model, self.num_classes)
     self.tx = state_lib.segmentor_optimizer(config.optim, self.total_steps)
     self.schedules = state_lib.segmentor_schedules(config.optim, self.total_steps)
-    self.model_name = f"{config.method.name}/deeplabv2_{config.model.backbone}"
+    arch = "daformer" if models.is_transformer(config.model.backbone) else "deeplabv2"
+    self.model_name = f"{config.method.name}/{arch}_{config.model.backbone}"
     # Weights files (confeti_jax/weights.py): ImageNet backbone, or a whole segmentor.
     self.pretrained = str(config.model.get("pretrained", "") or "")
     self.init_from = str(config.model.get("init_from", "") or "")
@@ -54,16 +55,22 @@ class SegmentorMethod:
         batch_stats=variables["batch_stats"])
 
   # -- forward passes --------------------------------------------------------------
-  def forward_train(self, params, batch_stats, images):
-    """Student forward in train mode: (logits at stride 8, aux features, new BN stats)."""
+  def forward_train(self, params, batch_stats, images, dropout_key=None):
+    """Forward in train mode: (logits, aux features, new BN stats).
+
+    `dropout_key` enables the segmentor's dropout and stochastic depth (MiT / DAFormer
+    head; DeepLabV2 has none): the student's forwards pass one, the teacher's never.
+    """
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
     (logits, aux), updates = self.model.apply(
         {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"])
+        mutable=["batch_stats"], rngs=rngs)
     return logits, aux, updates["batch_stats"]
 
-  def segmentation_loss(self, params, batch_stats, images, labels, weight=None):
+  def segmentation_loss(self, params, batch_stats, images, labels, weight=None,
+                        dropout_key=None):
     """Pixel CE of the upsampled logits (mmseg mean over all pixels)."""
-    logits, aux, batch_stats = self.forward_train(params, batch_stats, images)
+    logits, aux, batch_stats = self.forward_train(params, batch_stats, images, dropout_key)
     logits = augment.resize_bilinear(logits, labels.shape[1:3])
     loss = losses.cross_entropy(logits, labels, weight=weight)
     return loss, (logits, aux, batch_stats)
@@ -91,6 +98,14 @@ class SegmentorMethod:
 
   def train_step(self, state, batch, key):
     raise NotImplementedError("abstract: each method implements its own train_step")
+
+
+STREAM_DROPOUT = 20
+
+
+def dropout_key(key, index):
+  """The student's dropout / stochastic-depth key of its `index`-th forward in a step."""
+  return jax.random.fold_in(jax.random.fold_in(key, STREAM_DROPOUT), index)
 
 
 def global_norm(tree):

@@ -116,8 +116,7 @@ class CFContra(minent.MinEnt):
     self.warmup_total = self.warmup_source + math.ceil(int(c.warmup_target_images) / batch)
     self.head = heads.ProjectionHead(kind=heads.check_head(c.head), features=int(c.proj_dim),
                                      dtype=models.parse_dtype(config.model.dtype))
-    depth = models.deeplabv2.backbone_depth(config.model.backbone)
-    self.feature_dim = models.stage_channels(depth, float(config.model.width))[3]
+    self.feature_dim = models.layer4_channels(config.model)
     self.bank_dim = int(c.proj_dim) or self.feature_dim
     if self.contrast and not c.train_head:
       self.tx = state_lib.segmentor_optimizer(config.optim, self.total_steps,

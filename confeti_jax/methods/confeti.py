@@ -40,7 +40,7 @@ import optax
 from confeti_jax import augment, gpa, losses, stages, style
 from confeti_jax import prototypes as protos_lib
 from confeti_jax import state as state_lib
-from confeti_jax.methods import dacs
+from confeti_jax.methods import base, dacs
 from confeti_jax.models import heads
 
 STREAM_PCL_SOURCE = 11
@@ -349,7 +349,8 @@ class CONFETI(dacs.DACS):
     def loss_fn(params, fake_src):
       parts = {}
       src_loss, (_, aux, stats) = self.segmentation_loss(
-          params, state.batch_stats, prep["s2t"], prep["src_labels"])
+          params, state.batch_stats, prep["s2t"], prep["src_labels"],
+          dropout_key=base.dropout_key(key, 0))
       parts["loss_src_seg"] = src_loss
       if self.proto_enabled:
         parts["loss_src_cam"] = self.cam_weight * losses.cam_bce(
@@ -362,7 +363,8 @@ class CONFETI(dacs.DACS):
       parts["loss_fd"] = self.fd_loss(aux, prep)
 
       mix_loss, (_, aux, stats) = self.segmentation_loss(
-          params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"])
+          params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"],
+          dropout_key=base.dropout_key(key, 1))
       parts["loss_mix_seg"] = mix_loss
       if self.proto_enabled:
         parts["loss_mix_cam"] = gate_cam_mix * self.cam_weight * losses.cam_bce(
@@ -372,7 +374,8 @@ class CONFETI(dacs.DACS):
 
       if self.trains_target_pcl:
         def target_terms(stats):
-          _, aux, new_stats = self.forward_train(params, stats, prep["target"])
+          _, aux, new_stats = self.forward_train(params, stats, prep["target"],
+                                                 base.dropout_key(key, 2))
           pcl, reg = self.feature_terms(jax.random.fold_in(key, STREAM_PCL_TARGET), aux,
                                         prep["pseudo"], p, prep["q"])
           return pcl, reg, new_stats

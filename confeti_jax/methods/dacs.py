@@ -26,10 +26,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from confeti_jax import augment, losses, photometric
+from confeti_jax import augment, losses, models, photometric
 from confeti_jax import state as state_lib
 from confeti_jax.methods import base
-from confeti_jax.models import deeplabv2
 
 # Named random streams folded into the step key.
 STREAM_CLASSMIX = 1
@@ -85,7 +84,7 @@ class DACS(base.SegmentorMethod):
     self.fd_min_ratio = float(m.fd_scale_min_ratio)
     # The FD model needs only the backbone: the module the segmentor builds under
     # 'backbone', so the student's initial backbone variables apply to it unchanged.
-    self.imnet_backbone = deeplabv2.backbone_of(self.model)
+    self.imnet_backbone = models.backbone_of(self.model)
 
   # -- state ---------------------------------------------------------------------
   def init_state(self, key):
@@ -94,8 +93,8 @@ class DACS(base.SegmentorMethod):
     teacher = state_lib.copy_tree(variables)
     imnet = None
     if self.fd_lambda > 0:
-      imnet = state_lib.copy_tree({"params": variables["params"]["backbone"],
-                                   "batch_stats": variables["batch_stats"]["backbone"]})
+      imnet = state_lib.copy_tree({"params": variables["params"]["backbone"],  # MiT: no BN
+                                   "batch_stats": variables["batch_stats"].get("backbone", {})})
     return state.replace(teacher=teacher, imnet=imnet)
 
   # -- hooks and pieces --------------------------------------------------------------
@@ -203,10 +202,12 @@ class DACS(base.SegmentorMethod):
     def loss_fn(params):
       # Source first, then mixed: the order the reference updates BN running statistics.
       src_loss, (_, aux, stats) = self.segmentation_loss(
-          params, state.batch_stats, prep["s2t"], prep["src_labels"])
+          params, state.batch_stats, prep["s2t"], prep["src_labels"],
+          dropout_key=base.dropout_key(key, 0))
       fd_loss = self.fd_loss(aux, prep)
       mix_loss, (_, _, stats) = self.segmentation_loss(
-          params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"])
+          params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"],
+          dropout_key=base.dropout_key(key, 1))
       total = src_loss + fd_loss + mix_loss
       return total, (stats, {"loss_src_seg": src_loss, "loss_fd": fd_loss,
                              "loss_mix_seg": mix_loss})

@@ -16,13 +16,12 @@ class SourceOnly(base.SegmentorMethod):
   name = "source_only"
 
   def train_step(self, state, batch, key):
-    del key  # deterministic given the batch
     images = augment.normalize(batch["source"]["image"])
     labels = batch["source"]["label"].astype("int32")
 
     def loss_fn(params):
       loss, (_, _, batch_stats) = self.segmentation_loss(
-          params, state.batch_stats, images, labels)
+          params, state.batch_stats, images, labels, dropout_key=base.dropout_key(key, 0))
       return loss, batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.seg.params)
