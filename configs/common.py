@@ -126,6 +126,8 @@ def _dacs():
       fd_lambda=0.005,             # ImageNet feature distance weight (0 = off)
       fd_classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),  # thing classes
       fd_scale_min_ratio=0.75,
+      # MIC (Hoyer et al. 2023): masked target consistency; block 32 at 512 crops, 64 HR.
+      mic=dict(enabled=False, mask_ratio=0.7, block_size=32, weight=1.0),
   )
 
 

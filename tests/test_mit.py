@@ -142,3 +142,14 @@ def test_feature_distance_backbone_is_the_encoder():
   whole = jax.jit(lambda v: model.apply(v, x, train=False)[1])(variables)
   np.testing.assert_allclose(feats["layer4"], whole["layer4"], rtol=1e-5, atol=1e-6)
   assert models.layer4_channels(_model_cfg("mit_b5")) == 512
+
+
+def test_patch_convolution_equals_the_strided_convolution():
+  from confeti_jax.models import mit
+
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 19, 22, 8)), jnp.float32)   # not divisible by 4
+  kernel = jnp.asarray(rng.normal(size=(4, 4, 8, 6)), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(mit.patch_conv(x, kernel), want, rtol=1e-5, atol=1e-5)

@@ -244,7 +244,7 @@ class CFContra(minent.MinEnt):
       metrics = {**metrics_s, **metrics_t, **{f"loss_contra_{n}": v for n, v in terms.items()},
                  "loss_contra": contrast, "contrast_active": gate}
       aux = dict(f_s=f_s, f_t=f_t, labels_s=labels_s, labels_t=labels_t,
-                 pred_s=jnp.argmax(logits_s, axis=-1).astype(jnp.int32),
+                 pred_s=jnp.argmax(_on_grid(logits_s, grid), axis=-1).astype(jnp.int32),
                  batch_stats=_join(seg_bs, head_bs), metrics=metrics)
       return src_loss + tgt_loss + contrast, jax.lax.stop_gradient(aux)
 
@@ -334,3 +334,12 @@ class AdaINTraining:
 
   inference_variables = inference_subtree = variables_from_subtree = _no_segmentor
   apply_eval = _no_segmentor
+
+
+def _on_grid(logits, grid):
+  """Logits at the feature grid: DeepLabV2's already are (stride 8); DAFormer's (stride
+  4) are resized bilinearly to the MiT layer4 grid (stride 32), an approximation the
+  reference (DeepLab only) never needed."""
+  if logits.shape[1:3] == tuple(grid):
+    return logits
+  return augment.resize_bilinear(logits.astype(jnp.float32), grid)

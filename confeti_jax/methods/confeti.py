@@ -371,6 +371,8 @@ class CONFETI(dacs.DACS):
             aux["cam_scores"], prep["mixed_labels"], self.num_classes)
         parts["loss_mix_pcl"], parts["loss_mix_reg"] = self.feature_terms(
             jax.random.fold_in(key, STREAM_PCL_MIXED), aux, prep["mixed_labels"], p, gate_mix)
+      if self.mic:
+        parts["loss_mic"], stats = self.mic_loss(params, stats, prep, key)
 
       if self.trains_target_pcl:
         def target_terms(stats):

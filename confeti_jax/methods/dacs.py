@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from confeti_jax import augment, losses, models, photometric
+from confeti_jax import mic as mic_lib
 from confeti_jax import state as state_lib
 from confeti_jax.methods import base
 
@@ -35,6 +36,7 @@ STREAM_CLASSMIX = 1
 STREAM_JITTER = 2
 STREAM_BLUR = 3
 STREAM_STYLE = 4
+STREAM_MIC = 5
 
 TEACHER_BN_MODES = ("batch", "running")
 
@@ -82,6 +84,8 @@ class DACS(base.SegmentorMethod):
     self.fd_lambda = float(m.fd_lambda)
     self.fd_classes = tuple(int(c) for c in m.fd_classes)
     self.fd_min_ratio = float(m.fd_scale_min_ratio)
+    mic = m.get("mic", {"enabled": False})
+    self.mic = dict(mic) if mic["enabled"] else None
     # The FD model needs only the backbone: the module the segmentor builds under
     # 'backbone', so the student's initial backbone variables apply to it unchanged.
     self.imnet_backbone = models.backbone_of(self.model)
@@ -180,7 +184,21 @@ class DACS(base.SegmentorMethod):
         mixed_weight=augment.one_mix(mask, jnp.ones_like(tgt_weight), tgt_weight))
     if self.fd_lambda > 0:
       out["imnet_feats"], out["fd_mask"] = self.fd_target(state, raw_source, src_labels)
+    if self.mic:
+      out["mic_image"] = mic_lib.masked_target(
+          jax.random.fold_in(key, STREAM_MIC), target, ratio=float(self.mic["mask_ratio"]),
+          block=int(self.mic["block_size"]), jitter_strength=self.jitter_strength,
+          jitter_p=self.jitter_p, blur=self.blur)
     return out
+
+  def mic_loss(self, params, stats, prep, key):
+    """MIC's masked-target CE on the teacher's pseudo-labels (0 and no forward if off)."""
+    if not self.mic:
+      return jnp.zeros((), jnp.float32), stats
+    loss, (_, _, stats) = self.segmentation_loss(
+        params, stats, prep["mic_image"], prep["pseudo"], weight=prep["tgt_weight"],
+        dropout_key=base.dropout_key(key, 3))
+    return float(self.mic["weight"]) * loss, stats
 
   def fd_loss(self, aux, prep):
     """The weighted ImageNet feature distance of the student's source layer4 (0 if off)."""
@@ -208,9 +226,10 @@ class DACS(base.SegmentorMethod):
       mix_loss, (_, _, stats) = self.segmentation_loss(
           params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"],
           dropout_key=base.dropout_key(key, 1))
-      total = src_loss + fd_loss + mix_loss
-      return total, (stats, {"loss_src_seg": src_loss, "loss_fd": fd_loss,
-                             "loss_mix_seg": mix_loss})
+      parts = {"loss_src_seg": src_loss, "loss_fd": fd_loss, "loss_mix_seg": mix_loss}
+      if self.mic:
+        parts["loss_mic"], stats = self.mic_loss(params, stats, prep, key)
+      return sum(parts.values()), (stats, parts)
 
     (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.seg.params)

@@ -22,7 +22,7 @@ keeps its AdamW.
 import jax
 import jax.numpy as jnp
 
-from confeti_jax import augment, losses
+from confeti_jax import augment, losses, models
 from confeti_jax.methods import base
 
 
@@ -52,6 +52,9 @@ class MinEnt(base.SegmentorMethod):
     self.multi_level = bool(m.multi_level)
     self.bn_eval = bool(m.bn_eval)
     if self.multi_level:
+      if models.is_transformer(config.model.backbone):
+        raise ValueError("ADVENT's multi-level head (method.multi_level) exists for DeepLabV2 "
+                         "only; pass --config.method.multi_level=False with a MiT backbone.")
       self.model = self.model.clone(aux_classifier=True)
 
   # -- forward -------------------------------------------------------------------

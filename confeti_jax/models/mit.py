@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from confeti_jax.models.conv import Conv
+from confeti_jax.models.conv import Conv, ConvParams
 from confeti_jax.models.resnet import remat_stages
 
 # variant -> (embedding widths, blocks per stage)
@@ -77,6 +77,16 @@ def drop_path(module, x, rate, train):
   return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 
+def patch_conv(x, kernel):
+  """A convolution whose stride equals its kernel size (no padding) as one matrix product
+  over non-overlapping patches; rows / columns past the last whole patch are dropped, as
+  torch's floor division drops them. Same result as lax.conv, a far smaller program."""
+  s = kernel.shape[0]
+  b, h, w, c = x.shape
+  x = x[:, :h // s * s, :w // s * s].reshape(b, h // s, s, w // s, s, c)
+  return jnp.einsum("bhpwqc,pqco->bhwo", x, kernel)
+
+
 def _dense(features, dtype, name):
   return nn.Dense(features, dtype=dtype, kernel_init=dense_init, name=name)
 
@@ -96,8 +106,10 @@ class EfficientAttention(nn.Module):
     q = _dense(c, self.dtype, "q")(x)
     context = x
     if self.sr_ratio > 1:
-      context = Conv(c, self.sr_ratio, stride=self.sr_ratio, use_bias=True, dtype=self.dtype,
-                     kernel_init=conv_fan_out_init(), name="sr")(x.reshape(b, *hw, c))
+      kernel, bias = ConvParams(c, self.sr_ratio, use_bias=True,
+                                kernel_init=conv_fan_out_init(), name="sr")(c)
+      context = patch_conv(x.reshape(b, *hw, c).astype(self.dtype), kernel.astype(self.dtype))
+      context = context + bias.astype(self.dtype)
       context = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(
           context.reshape(b, -1, c))
     kv = _dense(2 * c, self.dtype, "kv")(context)
