@@ -111,7 +111,7 @@ def table(rows, *, metrics=("miou",), per_class=True, paper=None):
     for m in list(metrics) + extra:
       cells.append(_mean_std([metric_value(r, w, m) for r, w in runs]))
     if paper:
-      cells.append(" / ".join("-" if v is None else f"{v:g}" for v in paper.get(label, ())))
+      cells.append(" / ".join("-" if v is None else str(v) for v in paper.get(label, ())))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
