@@ -167,7 +167,9 @@ def test_joint_stage_single_device_replay_equals_sharded_run(two_stages):
   # Model B's step (tests/test_confeti.py) matches to 1e-4 element by element; here
   # Adam's first steps turn last-bit differences (G's output, other conv blocking on 8
   # devices) into +-lr on parameters whose gradient is ~0: the measured segmentor update
-  # differs by 5.4% in relative L2; a wrong reduction or batch mix-up changes it by O(1).
+  # differs by 5.4% in relative L2 with raster-order prototype ties and 10.8% with the
+  # keyed random ties (another trajectory, as noise-sensitive; both orders are identical
+  # on 1 and 8 devices); a wrong reduction or batch mix-up changes it by O(1).
   # CUT's parameters (G above all) differ more after two steps, for the same Adam
   # reason and because G's gradient carries the segmentor's loss through the stylised
   # source, whose second step hinges on discrete picks (top-32 CAM pixels per class,
@@ -179,7 +181,7 @@ def test_joint_stage_single_device_replay_equals_sharded_run(two_stages):
     start, a, b = flat(inits[1]), flat(single), flat(finals[1])
     moved = np.linalg.norm(b - start)
     assert moved > 0, name
-    assert np.linalg.norm(a - b) / moved < 0.1, (name, np.linalg.norm(a - b) / moved)
+    assert np.linalg.norm(a - b) / moved < 0.2, (name, np.linalg.norm(a - b) / moved)
   # After one step every optimiser's first moment is (1 - b1) x its gradient: G (its
   # GAN + NCE + L_SC gradient and the segmentation losses' through the stylised source),
   # D, the patch MLPs and the segmentor get the same gradients on 1 and on 8 devices.

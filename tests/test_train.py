@@ -107,11 +107,20 @@ def test_sharded_step_equals_single_device(toy_cache):
   l8, p8, bs8 = _run_steps(config, sharding.make_mesh(), batches)
   l1, p1, bs1 = _run_steps(config, sharding.make_mesh(1), batches)
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  # Adam divides each moment by its own root: a parameter whose gradients are near zero
-  # moves by a fraction of the learning rate set by float32 reduction-order noise, so the
-  # parameters agree to a tenth of the second step's rate (5e-4 here), not to 1e-5.
-  atol = 0.1 * float(method_lr(config, step=1))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol), p8, p1)
+  # Adam divides each moment by its own root: a weight whose gradients are near zero
+  # moves by up to about the learning rate in whichever direction float32 reduction-order
+  # noise gives its gradient, so single weights may differ by a good part of lr (measured:
+  # at most 0.1 x lr on earlier CI machines, 0.34 x lr for 1 of 4608 weights on an AMD
+  # EPYC host). A sharding error (wrong reduction, mixed-up batch) moves most weights by
+  # O(lr). So: fewer than 1% of each tensor's weights beyond 0.1 x lr, none beyond 2 x lr.
+  lr = float(method_lr(config, step=1))
+
+  def close(a, b):
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    assert np.mean(diff > 0.1 * lr + 1e-4 * np.abs(b)) < 0.01, diff.max() / lr
+    assert diff.max() < 2 * lr, diff.max() / lr
+
+  jax.tree.map(close, p8, p1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), bs8, bs1)
 
 
