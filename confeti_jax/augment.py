@@ -71,7 +71,7 @@ def resize_nearest(x, size):
   return x[:, rows][:, :, cols]
 
 
-# -- ClassMix (DACS `get_class_masks` / `one_mix`, confeti_spec.md §2.3) ------------------
+# -- ClassMix (DACS `get_class_masks` / `one_mix`, docs/reference_code.md §2.3) ------------------
 _LABEL_VALUES = 256  # uint8 label maps: every id a label can hold, 255 (ignore) included
 
 

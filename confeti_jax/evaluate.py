@@ -2,12 +2,12 @@
 
 Everything per pixel runs inside one jitted step that returns a small [K, K]
 confusion matrix, so a 2048x1024 Cityscapes image never leaves the device as
-logits. The numbers follow mmseg 0.16 (confeti_spec.md §7): intersection and union
+logits. The numbers follow mmseg 0.16 (docs/reference_code.md §7): intersection and union
 are accumulated over the whole split, a class absent from both prediction and
 ground truth has IoU NaN and is left out of the mean, and results are in percent.
 
 The written files (`eval/step_<N>.json`, `eval/latest.json`, `eval/latest.md`) are
-an interface other tools read (DESIGN.md, "Interfaces other tools rely on").
+an interface other tools read (docs/design.md, "Interfaces other tools rely on").
 """
 
 import json

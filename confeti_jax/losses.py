@@ -59,7 +59,7 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=IGNORE_INDEX):
   optional pixel weight and then takes a plain `.mean()` (`weight_reduce_loss` with
   no `avg_factor`). Ignored pixels therefore still count in the denominator, so a
   batch with many ignored pixels has a smaller loss than "mean over valid pixels"
-  would give. confeti_spec.md §2.3 (last bullet) uses this for the source CE and the
+  would give. docs/reference_code.md §2.3 (last bullet) uses this for the source CE and the
   ClassMix CE with the pseudo-label quality weight.
 
   Args:
@@ -316,7 +316,7 @@ def memory_bank_nce(features, labels, bank, *, temperature, ignore_index=IGNORE_
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32)
 
 
-# -- CUT (confeti_spec.md §4.3) ----------------------------------------------------------
+# -- CUT (docs/reference_code.md §4.3) ----------------------------------------------------------
 
 
 def patch_nce(feat_q, feat_k, batch_size, temperature=0.07):

@@ -1,6 +1,6 @@
 """Photometric strong augmentation of DACS: colour jitter and Gaussian blur, on device.
 
-The reference (DAFormer's `dacs_transforms.py`, confeti_spec.md §2.3) pins kornia 0.6.7,
+The reference (DAFormer's `dacs_transforms.py`, docs/reference_code.md §2.3) pins kornia 0.6.7,
 whose `ColorJitter` follows torchvision/PIL: multiplicative brightness, contrast blended
 with the grey mean, saturation blended with the grey image (each clipped to [0, 1]) and
 a hue rotation in HSV, applied in a random order. (Older kornia, whose jitter is now

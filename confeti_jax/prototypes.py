@@ -4,7 +4,7 @@ class-centre memory banks.
 Every function here has fixed shapes and no host round-trip, so both life cycles run
 inside the jitted step.
 
-CONFETI (confeti_spec.md §3.3, `Prototypes`): one K x 512 bank, updated each step
+CONFETI (docs/reference_code.md §3.3, `Prototypes`): one K x 512 bank, updated each step
 from *teacher* projections of the mixed image. Features and CAM are upsampled to the
 label resolution (bilinear, align_corners=True); per class the top-32 pixels by CAM
 weight give a CAM-weighted mean, L2-normalised, folded in by EMA 0.999 (the first
@@ -12,7 +12,7 @@ update of a class copies it); all rows are renormalised after the update. Only t
 selected pixels' upsampled features are ever formed (4 bilinear taps each), never the
 full-resolution feature map.
 
-CFContra (peers.md §5, paper §3.2.2): two banks of K class centres (source and
+CFContra (docs/peers.md §5, paper §3.2.2): two banks of K class centres (source and
 target, K x D, unit rows):
 
 * warm-up: the official code initialises the banks from pickles made by a pass over
@@ -177,7 +177,7 @@ def pseudo_label_stats(pseudo, truth, ignore_index=IGNORE_INDEX):
           correct / jnp.maximum(n_labelled, 1.0))
 
 
-# -- CONFETI: CAM-weighted top-n prototypes (confeti_spec.md §3.3) ---------------------------
+# -- CONFETI: CAM-weighted top-n prototypes (docs/reference_code.md §3.3) --------------------------
 
 
 @struct.dataclass

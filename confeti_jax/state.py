@@ -34,7 +34,7 @@ class OptGroup:
 
 @struct.dataclass
 class TrainState:
-  """All mutable training state (DESIGN.md "One pytree").
+  """All mutable training state (docs/design.md "One pytree").
 
   Attributes:
     step: iteration counter (int32 scalar), the reference's `local_iter`.
@@ -61,7 +61,7 @@ class TrainState:
 
 def poly_warmup_schedule(base_lr, *, total_steps, power=1.0, min_lr=0.0, warmup_steps=0,
                          warmup_ratio=1e-6):
-  """mmcv 1.3.7 `poly` LR with linear warm-up, by iteration (confeti_spec.md §6).
+  """mmcv 1.3.7 `poly` LR with linear warm-up, by iteration (docs/reference_code.md §6).
 
   lr_poly(t) = (base - min) * (1 - t/T)^power + min; for t < W the warm-up scales
   it by 1 - (1 - t/W)(1 - ratio), as mmcv's `get_warmup_lr` applies it to the

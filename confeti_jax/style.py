@@ -1,6 +1,6 @@
 """Style modules that make source images look like the target: CUT (learned) and FDA (fixed).
 
-CUT as CONFETI runs it (confeti_spec.md §4): G translates source crops into the target
+CUT as CONFETI runs it (docs/reference_code.md §4): G translates source crops into the target
 style, trained by LSGAN against a PatchGAN D plus PatchNCE between the input's and the
 output's generator features (and the identity NCE on target crops). Everything here is
 pure, so a method's jitted step calls `cut_update` once per iteration:

@@ -1,4 +1,4 @@
-"""CFContra stage 1: the AdaIN decoder, GTA5 content and Cityscapes style (peers.md §2, §5).
+"""CFContra stage 1: the AdaIN decoder, GTA5 content and Cityscapes style (docs/peers.md §2, §5).
 
 pytorch-AdaIN's recipe as the CFContra authors ran it: the normalised VGG-19 encoder
 to relu4_1 (frozen, imported), the mirror decoder, content weight 1 and style weight

@@ -1,4 +1,4 @@
-"""CFContra, GTA5 -> Cityscapes (paper 45.8 mIoU; peers.md §5): MinEnt + AdaIN + contrast.
+"""CFContra, GTA5 -> Cityscapes (paper 45.8 mIoU; docs/peers.md §5): MinEnt + AdaIN + contrast.
 
 Everything of configs/minent_gta2cs.py (ADVENT's SGD recipe at 1280x640, batch 1 + 1)
 plus the class-centre contrast: MoCo head (never trained, as in the code), source and

@@ -2,7 +2,7 @@
 
 The CONFETI repository does not contain this stage; its checkpoint folder
 `gta2cs_1080_512` suggests CUT's `scale_width_and_crop` at load size 1080 and crop 512,
-with CONFETI's batch size 2. CUT's own defaults otherwise (confeti_spec.md §4.2,
+with CONFETI's batch size 2. CUT's own defaults otherwise (docs/reference_code.md §4.2,
 `method.cut`): resnet_9blocks, PatchGAN, LSGAN + PatchNCE (layers 0,4,8,12,16, 256
 patches, T 0.07, identity NCE), Adam 2e-4 (0.5, 0.999), horizontal flips. Images are
 resized keeping the aspect ratio to width 1080 (GTA5 1080x594, Cityscapes 1080x540).

@@ -1,4 +1,5 @@
-"""GTA5 -> Cityscapes with the reference data protocol (confeti_spec.md §2.4-2.5, §5, §7, §8).
+"""GTA5 -> Cityscapes with the reference data protocol
+(docs/reference_code.md §2.4-2.5, §5, §7, §8).
 
 GTA5 resized keep-ratio into 1280x720 (1914x1052 -> 1280x704), Cityscapes train into
 1280x640, random crops (512 stage 1, 640 stage 2) with cat_max_ratio 0.75 on the
@@ -6,7 +7,7 @@ source only, flip 0.5, rare-class sampling (T 0.01, 3000 px, crop ratio 0.5), ba
 2 + 2, DeepLabV2 / ResNet-101 V1c. Evaluation on Cityscapes val at the full
 2048x1024 (the official code) or, with `eval=1280`, at 1280x640 (DAFormer / CONFETII).
 
-The default method is CONFETI's whole pipeline (confeti_spec.md §5): stage 0 trains CUT
+The default method is CONFETI's whole pipeline (docs/reference_code.md §5): stage 0 trains CUT
 alone, stage 1 the segmentor jointly with CUT (512 crops), stage 2 a fresh segmentor
 with the generator frozen (640 crops), in WORKDIR/stage{0,1,2}; rerunning the command
 resumes whichever stage was interrupted. `:stage=N` runs one stage (its predecessor's

@@ -1,4 +1,4 @@
-"""ADVENT MinEnt, GTA5 -> Cityscapes, as the CFContra code trains it (peers.md §3.1, §5).
+"""ADVENT MinEnt, GTA5 -> Cityscapes, as the CFContra code trains it (docs/peers.md §3.1, §5).
 
 DeepLabV2 (ResNet-101, multi-level head on layer3) with SGD 2.5e-4, momentum 0.9,
 weight decay 5e-4 (coupled, as torch SGD), heads x10, poly 0.9 over ADVENT's

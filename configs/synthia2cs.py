@@ -2,7 +2,7 @@
 
 As gta2cs.py, with SYNTHIA resized keep-ratio into 1280x760 (its native size) and the
 labels' class ids read from the first channel of the 16-bit GT/LABELS PNGs
-(datasets.md C.4). Two conventions (confeti_spec.md §7):
+(docs/datasets.md C.4). Two conventions (docs/reference_code.md §7):
 
 * `classes=19` (default; DAFormer / CONFETI code): a 19-class head trained on
   Cityscapes trainIds; eval/latest.json reports miou (19), miou16 and miou13, the

@@ -47,7 +47,7 @@ _RCS_MIN_PIXELS = flags.DEFINE_integer(
     "reference's 3000); lower it for folders where a class is rarer, e.g. the toy scenes.")
 _JSON = flags.DEFINE_string("json", None, "Where to write the results.")
 
-# (scale, cat_max_ratio, is_source) of the reference protocol (confeti_spec.md §2.4-2.5).
+# (scale, cat_max_ratio, is_source) of the reference protocol (docs/reference_code.md §2.4-2.5).
 PROTOCOL = {"gta5": ((1280, 720), 0.75, True), "synthia": ((1280, 760), 0.75, True),
             "cityscapes": ((1280, 640), 1.0, False)}
 

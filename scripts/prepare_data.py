@@ -1,7 +1,7 @@
 """One-off dataset preparation: rare-class statistics, 8-bit trainId labels, TFDS copies.
 
 Writes beside the data (or into --out_dir), in the reference converters' format
-(confeti_spec.md §8.3), so DAFormer-prepared folders and ours are interchangeable:
+(docs/reference_code.md §8.3), so DAFormer-prepared folders and ours are interchangeable:
 
   sample_class_stats.json       [{"file": label path, "<trainId>": pixels, ...}, ...]
   sample_class_stats_dict.json  {label path: {"<trainId>": pixels, ...}}

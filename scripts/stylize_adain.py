@@ -2,7 +2,7 @@
 
 The official pre-generation script stylises every GTA5 image with 4 style images
 drawn at random and interpolated with equal weights, alpha 1, content and styles
-resized to 1024x2048 (peers.md §5). This does the same with the JAX AdaIN: the
+resized to 1024x2048 (docs/peers.md §5). This does the same with the JAX AdaIN: the
 encoder and decoder come from an AdaIN stage run (`--adain_workdir`, its latest
 checkpoint) or from converted PyTorch files (`--vgg`, `--decoder`, .npz written by
 scripts/convert_weights.py). Each output is resized back to its image's original

@@ -3,7 +3,7 @@ re-statements of the official code's algorithm (NCHW loops as the code writes th
 
 The re-statements follow `get_pseudo_labels`, `calculate_average`,
 `calculate_src_center`, `HybridMemory.forward` and `HM.backward` of
-shiyutang/Coarse-to-fine-UDA (peers.md §5), written independently in numpy.
+shiyutang/Coarse-to-fine-UDA (docs/peers.md §5), written independently in numpy.
 """
 
 import json

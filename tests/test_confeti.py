@@ -1,7 +1,7 @@
 """CONFETI feature alignment: prototypes, CAM loss, PCL, regulariser, gates, the whole step.
 
 The prototype update is checked against a numpy re-statement of the reference's
-`Prototypes.update_prototypes` loop (confeti_spec.md §3.3); the losses against hand
+`Prototypes.update_prototypes` loop (docs/reference_code.md §3.3); the losses against hand
 computation; the step end to end through the trainer on 8 devices, replayed on one.
 """
 

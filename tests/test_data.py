@@ -10,7 +10,7 @@ from PIL import Image
 
 from confeti_jax.data import labels, pipeline, sources
 
-# datasets.md C.1: trainId k <- labelId CS_IDS[k]; every other id is ignored.
+# docs/datasets.md C.1: trainId k <- labelId CS_IDS[k]; every other id is ignored.
 CS_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 
 

@@ -2,7 +2,7 @@
 
 `model.dtype=bfloat16` changes the convolutions only: parameters, optimiser states,
 BatchNorm and InstanceNorm statistics, the EMA teacher, logits, softmax, CUT's image and
-losses stay float32 (DESIGN.md "Numerics"). The segmentor's gradients are read out of
+losses stay float32 (docs/design.md "Numerics"). The segmentor's gradients are read out of
 the real jitted `train_step` by letting the optimiser write them in place of the
 parameters; CUT's come from its loss functions directly.
 """

@@ -1,7 +1,7 @@
 """Class names, palettes and the id -> trainId maps of Cityscapes, GTA5 and SYNTHIA.
 
 Every dataset is trained and evaluated in the 19-class Cityscapes trainId space
-(datasets.md C.1); raw label files store dataset-specific ids, so each reader maps
+(docs/datasets.md C.1); raw label files store dataset-specific ids, so each reader maps
 them through a 256-entry lookup table (one numpy gather, fast enough for grain
 workers). Ids not in a table become IGNORE_INDEX, matching the reference converters.
 """
@@ -11,7 +11,7 @@ import numpy as np
 IGNORE_INDEX = 255
 NUM_CLASSES = 19
 
-# Cityscapes trainId order (datasets.md C.1).
+# Cityscapes trainId order (docs/datasets.md C.1).
 CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
     "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
@@ -26,26 +26,26 @@ PALETTE = np.array([
     (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ], dtype=np.uint8)
 
-# Cityscapes labelId of each trainId; GTA5 labels use the same ids (datasets.md C.2).
+# Cityscapes labelId of each trainId; GTA5 labels use the same ids (docs/datasets.md C.2).
 CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
                               31, 32, 33)
 
-# SYNTHIA-RAND-CITYSCAPES class id of each trainId (datasets.md C.4, the DAFormer map;
+# SYNTHIA-RAND-CITYSCAPES class id of each trainId (docs/datasets.md C.4, the DAFormer map;
 # lanemarking 22 is NOT road and stays ignored).
 SYNTHIA_TRAIN_LABEL_IDS = (3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11)
 
-# Evaluation subsets for SYNTHIA -> Cityscapes, as trainId indices (datasets.md C.4).
+# Evaluation subsets for SYNTHIA -> Cityscapes, as trainId indices (docs/datasets.md C.4).
 SYNTHIA16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 CLASS_SUBSETS = {"miou16": SYNTHIA16, "miou13": SYNTHIA13}
 
-# The 16-class SYNTHIA convention (ProDA / CONFETII, datasets.md C.4): a 16-class head over
+# The 16-class SYNTHIA convention (ProDA / CONFETII, docs/datasets.md C.4): a 16-class head over
 # the 19 Cityscapes classes minus terrain (9), truck (14) and train (16), numbered in
 # trainId order; SYNTHIA_16_LABEL_IDS[k] is the SYNTHIA id of class k.
 SYNTHIA_16_LABEL_IDS = (3, 4, 2, 21, 5, 7, 15, 9, 6, 1, 10, 17, 8, 19, 12, 11)
 CLASSES_16 = tuple(CLASSES[i] for i in SYNTHIA16)
 
-# Thing classes of the ImageNet feature distance (DAFormer/CONFETI FD, confeti_spec.md §2.6).
+# Thing classes of the ImageNet feature distance (DAFormer/CONFETI FD, docs/reference_code.md §2.6).
 FD_THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from confeti_jax.data import labels, toy
 
-# The datasets' own image sizes (W, H), datasets.md C.1-C.4.
+# The datasets' own image sizes (W, H), docs/datasets.md C.1-C.4.
 FULL_SIZES = {"gta5": (1914, 1052), "cityscapes": (2048, 1024), "synthia": (1280, 760)}
 # SYNTHIA's lanemarking id: mapped to ignore by the 19-class table.
 SYNTHIA_LANEMARKING = 22

@@ -1,6 +1,6 @@
 """grain input pipelines: per-sample resize / crop / flip, training streams, eval batches.
 
-The per-sample transforms reproduce mmseg's training pipeline (confeti_spec.md §2.5):
+The per-sample transforms reproduce mmseg's training pipeline (docs/reference_code.md §2.5):
 keep-ratio resize, RandomCrop with `cat_max_ratio`, horizontal flip. They run in
 grain workers on numpy, so they are module-level and picklable, and draw all their
 randomness from the `np.random.Generator` grain derives from (seed, element index):

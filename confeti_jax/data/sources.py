@@ -1,4 +1,4 @@
-"""Random-access readers of the datasets' own folder layouts (datasets.md C.2-C.4).
+"""Random-access readers of the datasets' own folder layouts (docs/datasets.md C.2-C.4).
 
 Each source is a picklable sequence of file pairs that grain workers index:
 `source[i] -> {"image": uint8 [H, W, 3] RGB, "label": uint8 [H, W] trainIds}`,
@@ -93,7 +93,7 @@ def read_label16(path, table):
   """uint8 [H, W] trainIds from a SYNTHIA 16-bit RGB label PNG (class id in channel 0).
 
   Pillow keeps only the high byte of 16-bit RGB, which turns every class id into 0
-  (datasets.md C.4), so these files are decoded with pypng.
+  (docs/datasets.md C.4), so these files are decoded with pypng.
   """
   import png  # pure Python; only SYNTHIA's raw labels need it
 
@@ -141,7 +141,7 @@ class PairedFileSource:
   """A sorted list of (image, label) paths; decodes, maps and checks one pair per index.
 
   `tables[i]` maps pair i's raw ids to 19-class trainIds (None: the file already holds
-  them); `remap` then takes them to the run's class set (datasets.md C.4), so both
+  them); `remap` then takes them to the run's class set (docs/datasets.md C.4), so both
   steps are one composed 256-entry gather. `png16[i]` marks SYNTHIA 16-bit labels.
   """
 
@@ -249,7 +249,7 @@ class CityscapesSource(PairedFileSource):
   """Cityscapes `split`: leftImg8bit images paired with gtFine labels by stem, sorted.
 
   Prefers *_gtFine_labelTrainIds.png when the mmseg converter has written it, else
-  maps *_gtFine_labelIds.png (pixel-identical result, datasets.md C.3).
+  maps *_gtFine_labelIds.png (pixel-identical result, docs/datasets.md C.3).
   """
 
   def __init__(self, root, split, remap=None):

@@ -1,6 +1,6 @@
 """TFDS ArrayRecord copies of the dataset folders, for pods that read from a bucket.
 
-TensorFlow is not needed (datasets.md D.1): the builders below only use the
+TensorFlow is not needed (docs/datasets.md D.1): the builders below only use the
 array_record writer, and reading goes through `tfds.builder_from_directory(...)
 .as_data_source(split)`, which decodes the PNG features with Pillow. Each record holds
 the original image PNG bytes (re-encoded only when not RGB), the label mapped to 19-class

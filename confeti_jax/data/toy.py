@@ -35,7 +35,7 @@ TARGET_SIZE = (320, 160)  # (W, H): Cityscapes 2:1
 CITY = "toycity"
 _MANIFEST = "manifest.json"
 
-# Cityscapes labelIds drawn by the renderer (datasets.md C.1); EGO and STATIC map to 255.
+# Cityscapes labelIds drawn by the renderer (docs/datasets.md C.1); EGO and STATIC map to 255.
 EGO, STATIC, ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE = 1, 4, 7, 8, 11, 12, 13, 17
 LIGHT, SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS, BICYCLE = (
     19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 33)

@@ -1,4 +1,4 @@
-"""AdaIN style transfer (Huang & Belongie 2017) as CFContra uses it (peers.md §2, §5).
+"""AdaIN style transfer (Huang & Belongie 2017) as CFContra uses it (docs/peers.md §2, §5).
 
 * `VGGEncoder`: the "normalised" VGG-19 up to relu4_1 (the first 31 modules of
   `vgg_normalised.pth`): a 1x1 3->3 convolution that folds in the Caffe

@@ -1,4 +1,4 @@
-"""CUT networks (Park et al. 2020) as CONFETI vendors them (confeti_spec.md §4.2).
+"""CUT networks (Park et al. 2020) as CONFETI vendors them (docs/reference_code.md §4.2).
 
 * `ResnetGenerator`: 'resnet_9blocks' with InstanceNorm (affine=False), reflect padding,
   anti-aliased down-sampling (stride-1 conv, then `Downsample`) and up-sampling

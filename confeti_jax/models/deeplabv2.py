@@ -63,7 +63,7 @@ class DeepLabV2(nn.Module):
       features['cam'] = ReLU(map), features['cam_scores'] = GAP of the pre-ReLU map.
     proj_dim: > 0 adds CONFETI's projection head ('conv_proj', 1x1 layer4 -> proj_dim, no
       bias): features['proj'], not normalised. Both heads use PyTorch's default conv
-      init (the reference's init_cfg is a no-op for them, confeti_spec.md §1) and sit in
+      init (the reference's init_cfg is a no-op for them, docs/reference_code.md §1) and sit in
       the x10 head group; they are float32 outputs.
   """
 
