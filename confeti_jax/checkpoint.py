@@ -69,6 +69,11 @@ class Checkpointer:
     handler = _state_handler()
     registry.add(STATE, ocp.args.PyTreeSave, handler)
     registry.add(STATE, ocp.args.PyTreeRestore, handler)
+    # Registered so that reading the state alone (or the metadata) knows the item and
+    # orbax does not warn "Item 'loop' ... could not be restored" on every resume.
+    loop_handler = ocp.handlers.JsonCheckpointHandler()
+    registry.add(LOOP, ocp.args.JsonSave, loop_handler)
+    registry.add(LOOP, ocp.args.JsonRestore, loop_handler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
     self._pending = None  # the step whose save may still be running in the background

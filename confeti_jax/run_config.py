@@ -89,3 +89,20 @@ def record(config, workdir, changes, step):
   with open(tmp, "w") as f:
     json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def summary(config, workdir):
+  """One console line naming the run; the full config is in workdir's config.json and
+  train.log (the console used to get a 90-line dump at every start)."""
+  model = config.model
+  width = float(model.get("width", 1.0) or 1.0)
+  backbone = str(model.backbone) + (f"x{width:g}" if width != 1.0 else "")
+  stage = f" stage {config.method.stage}" if "stage" in config.method else ""
+  data = config.data
+  source = "toy source" if data.toy.enabled else data.source.kind
+  target = "toy target" if data.toy.enabled else data.target.kind
+  crop = "x".join(str(int(s)) for s in data.crop_size)
+  return (f"Run: {config.method.name}{stage}, {backbone}, {source} -> {target}, crop {crop}, "
+          f"{int(config.train.steps)} steps of batch {int(config.train.batch_size)}, seed "
+          f"{int(config.seed)} (full config: {os.path.join(workdir, CONFIG_FILE)} and "
+          f"train.log)")

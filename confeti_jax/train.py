@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from confeti_jax import checkpoint, evaluate, finite, methods, run_config, sharding, writer
+from confeti_jax import checkpoint, evaluate, finite, methods, panels, run_config, sharding, writer
 from confeti_jax.data import pipeline
 from confeti_jax.models.conv import compiler_options
 
@@ -54,18 +54,30 @@ def create_state(method, config, mesh):
 
 
 def make_train_step(method, config, mesh, state_shardings):
-  """The method's pure step, jitted once with shardings and the state donated."""
+  """The method's pure step, jitted once with shardings and the state donated.
+
+  Returns (state, metrics), plus the image panel (panels.py) as a third output when
+  the method draws one (`train.image_every_steps > 0`).
+  """
   base_key = jax.random.key(config.seed)
+  with_panel = bool(getattr(method, "panel_images", False))
 
   def step_fn(state, batch):
     key = jax.random.fold_in(base_key, state.step)
     new_state, metrics = method.train_step(state, batch, key)
-    return new_state, {**metrics, **finite.step_flags(new_state, metrics)}
+    metrics, panel = panels.pop(metrics)
+    if with_panel and panel is None:
+      raise ValueError(f"{type(method).__name__}.train_step drew no panel although "
+                       "train.image_every_steps > 0")
+    metrics = {**metrics, **finite.step_flags(new_state, metrics)}
+    return (new_state, metrics, panel) if with_panel else (new_state, metrics)
+
+  replicated = sharding.replicated(mesh)
 
   return jax.jit(
       step_fn,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      out_shardings=(state_shardings, replicated) + ((replicated,) if with_panel else ()),
       donate_argnums=0, compiler_options=compiler_options())
 
 
@@ -189,11 +201,17 @@ def _loss_text(value):
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
+  The log lines also go to workdir/train.log, with the full config at the head of
+  each start (the console gets main.py's one-line summary).
   Returns the final state (useful to tests and scripts).
   """
-  # -- set-up ------------------------------------------------------------------
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with writer.run_log(workdir, dump=f"Config:\n{config}"):
+    return _train(config, workdir)
+
+
+def _train(config, workdir):
+  # -- set-up ------------------------------------------------------------------
   config_changes = run_config.check(config, workdir)  # refuses another model or method
   logging.info("Process %d/%d with %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -256,7 +274,8 @@ def train_and_evaluate(config, workdir):
     evaluation, as the step's checkpoint is already saved or being saved."""
     chrono.pause()
     try:
-      evaluator.run(method.inference_variables(state), step)
+      result = evaluator.run(method.inference_variables(state), step)
+      metric_writer.write_eval(step, result, prefix=evaluator.prefix)
     except Exception:  # noqa: BLE001 - any failure of evaluation or its reports
       logging.exception("Evaluation at step %d failed; training goes on (the checkpoint of "
                         "this step is saved). The error:", step)
@@ -266,6 +285,7 @@ def train_and_evaluate(config, workdir):
   log_every = max(1, int(config.train.log_every_steps))
   ckpt_every = max(1, int(config.train.checkpoint_every_steps))
   eval_every = int(config.eval.every_steps)
+  image_every = int(config.train.get("image_every_steps", 0))
   stop_at = int(config.train.stop_at_step)
   summed, count = None, 0
   step = first_step
@@ -276,8 +296,13 @@ def train_and_evaluate(config, workdir):
         batch, skipped = next_global_batch(iterators, mesh)
         skipped_here += skipped
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = train_step(state, batch)
+          state, metrics, *panel = train_step(state, batch)
+        if step == first_step:
+          chrono.start(step)  # the first call compiled: leave that out of steps/s and ETA
         step += 1
+        if panel and image_every > 0 and step % image_every == 0:
+          with chrono.paused():
+            panels.write(metric_writer, step, panel[0], workdir)
         summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
         count += 1
 

@@ -16,6 +16,7 @@ import logging as logging_std
 import math
 import os
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "train.log"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -182,6 +184,23 @@ class MetricWriter:
       for key, value in values.items():
         self._tb.add_scalar(key, value, int(step))
 
+  def write_eval(self, step, result, prefix="eval"):
+    """TensorBoard scalars of one evaluation (`evaluate.summarize`'s dict): mIoU, the
+    subsets' means (mIoU16/13), aAcc, mAcc and per-class IoU under `prefix`/IoU/.
+
+    Not in metrics.jsonl, whose rows are training steps; eval/step_N.json holds them.
+    Classes without an IoU (absent from prediction and ground truth) are left out.
+    """
+    if not self.is_main or self._tb is None:
+      return
+    scalars = {f"{prefix}/{k}": v for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "skipped"}
+    scalars.update({f"{prefix}/IoU/{name.replace(' ', '_')}": v
+                    for name, v in result.get("per_class_iou", {}).items()})
+    for key, value in scalars.items():
+      if value is not None:
+        self._tb.add_scalar(key, float(value), int(step))
+
   def write_images(self, step, images):
     """Writes uint8 HWC (or HW) images to TensorBoard, e.g. CUT samples or overlays."""
     if not self.is_main or self._tb is None:
@@ -287,6 +306,33 @@ def loss_at(rows, step):
     if int(row.get("step", -1)) == int(step):
       return row.get("loss")
   return None
+
+
+@contextlib.contextmanager
+def run_log(workdir, dump=None):
+  """Copies this process's log lines (absl and library warnings) to workdir/train.log,
+  appended across resumes; `dump` (e.g. the full config) goes to that file only, so the
+  console keeps a one-line summary. Process 0 only, as the other outputs."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  handler = logging_std.FileHandler(os.path.join(workdir, LOG_FILE))
+  handler.setFormatter(logging.PythonFormatter())
+  handler.addFilter(_LibraryInfoFilter())
+  root = logging_std.getLogger()
+  root.addHandler(handler)
+  try:
+    if dump:
+      handler.stream.write(f"{dump.rstrip()}\n")
+      handler.flush()
+    yield
+  except BaseException:
+    handler.stream.write(traceback.format_exc())  # the console gets failures.py's last line
+    raise
+  finally:
+    root.removeHandler(handler)
+    handler.close()
 
 
 def _summary_writer(logdir):

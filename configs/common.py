@@ -1,6 +1,6 @@
 """Shared config pieces: the argument parser and the base config every run starts from.
 
-The base holds the reference code's numbers (confeti_spec.md §1, §6, §7); a
+The base holds the reference code's numbers (docs/reference_code.md §1, §6, §7); a
 config file changes only what differs for its setting.
 """
 
@@ -27,7 +27,7 @@ def parse_arg(arg, **defaults):
 def base_config():
   """Every key a training config has, with the reference values."""
   c = ml_collections.ConfigDict()
-  c.seed = 114  # confeti_spec.md §6
+  c.seed = 114  # docs/reference_code.md §6
   c.num_classes = 19
   c.class_set = "cityscapes19"
 
@@ -77,6 +77,9 @@ def base_config():
       stop_at_step=0,  # >0: save and stop cleanly after this step (time-limited jobs)
       # >0: restart from this kept step; newer ones move to checkpoints_set_aside/
       restore_step=0,
+      # TensorBoard image panel of what the step sees (confeti_jax/panels.py) every N
+      # steps, DAFormer's debug-image interval; 0 = off (compiled out).
+      image_every_steps=100,
   ))
 
   # AdamW 6e-5, heads x10, wd 0.01 on all params, poly(1.0) with linear warm-up 1500.
@@ -110,7 +113,8 @@ def _source_only():
 
 
 def _dacs():
-  """Mean-teacher self-training (DAFormer's DACS as CONFETI runs it), confeti_spec.md §2.1."""
+  """Mean-teacher self-training (DAFormer's DACS as CONFETI runs it),
+  docs/reference_code.md §2.1."""
   return dict(
       alpha=0.999,                 # EMA: alpha_t = min(1 - 1/(t+1), alpha), parameters only
       teacher_bn="batch",          # 'batch' (reference: train-mode teacher) | 'running'
@@ -132,10 +136,10 @@ def _dacs():
 
 
 def _confeti():
-  """CONFETI (confeti_spec.md §3, §4, §5): DACS + prototypes/PCL [+ joint CUT, L_SC]."""
+  """CONFETI (docs/reference_code.md §3, §4, §5): DACS + prototypes/PCL [+ joint CUT, L_SC]."""
   return dict(
       _dacs(),
-      # The pipeline (confeti_spec.md §5): 0 = CUT alone (the reference starts stage 1
+      # The pipeline (docs/reference_code.md §5): 0 = CUT alone (the reference starts stage 1
       # from a pre-trained CUT), 1 = joint stage, 2 = fresh segmentor, frozen G.
       stages="0,1,2",          # which stages a run trains, in order ('1' = one stage)
       stage=1,                 # the stage this config's step runs (set by the plan)
@@ -210,7 +214,7 @@ def apply_table3_model(config, model, stage="all"):
 
 
 def _minent():
-  """ADVENT MinEnt (peers.md §3.1): entropy weights and the multi-level head."""
+  """ADVENT MinEnt (docs/peers.md §3.1): entropy weights and the multi-level head."""
   return dict(
       ent_weight=1e-3,       # LAMBDA_ENT_MAIN
       ent_weight_aux=2e-4,   # LAMBDA_ENT_AUX (multi-level head only)
@@ -221,7 +225,7 @@ def _minent():
 
 
 def _cfcontra():
-  """CFContra (peers.md §5, paper §3-4): MinEnt + memory-bank contrast; AdaIN stage."""
+  """CFContra (docs/peers.md §5, paper §3-4): MinEnt + memory-bank contrast; AdaIN stage."""
   return dict(
       _minent(),
       stage="segment",       # 'segment' | 'style' (trains the AdaIN decoder)
@@ -257,7 +261,7 @@ def _cfcontra():
 
 
 def cut_config():
-  """The `method.cut` sub-dict: CUT as CONFETI runs it (confeti_spec.md §4.2), shared by
+  """The `method.cut` sub-dict: CUT as CONFETI runs it (docs/reference_code.md §4.2), shared by
   stage 0 (method 'cut') and CONFETI's joint stage."""
   return dict(
       ngf=64, n_blocks=9,             # resnet_9blocks generator

@@ -75,6 +75,7 @@ def get_config(arg=None):
     config.train.batch_size = 8
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 2
+    config.train.image_every_steps = 0
     config.optim.warmup_steps = 2
     config.eval.every_steps = 3
     config.eval.batch_size = 8

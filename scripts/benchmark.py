@@ -199,13 +199,13 @@ def measure(config, *, steps=5, repeats=3, warmup=2, compile_only=False):
     return result
 
   for _ in range(warmup):
-    state, _ = compiled(state, batch)
+    state, *_ = compiled(state, batch)
   jax.block_until_ready(state)
   block_times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = compiled(state, batch)
+      state, metrics, *_ = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     block_times.append((time.perf_counter() - t0) / steps)
   s_per_step = float(np.median(block_times))

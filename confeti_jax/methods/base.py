@@ -8,7 +8,7 @@ static values are read from the config here, so the ConfigDict never reaches jit
 import jax
 import jax.numpy as jnp
 
-from confeti_jax import augment, losses, models
+from confeti_jax import augment, losses, models, panels
 from confeti_jax import state as state_lib
 
 
@@ -29,6 +29,8 @@ class SegmentorMethod:
     # Weights files (confeti_jax/weights.py): ImageNet backbone, or a whole segmentor.
     self.pretrained = str(config.model.get("pretrained", "") or "")
     self.init_from = str(config.model.get("init_from", "") or "")
+    # Image panels (confeti_jax/panels.py) in the step's outputs: static, off in tests.
+    self.panel_images = int(config.train.get("image_every_steps", 0)) > 0
 
   # -- state ---------------------------------------------------------------------
   def init_segmentor(self, key):
@@ -74,6 +76,13 @@ class SegmentorMethod:
     logits = augment.resize_bilinear(logits, labels.shape[1:3])
     loss = losses.cross_entropy(logits, labels, weight=weight)
     return loss, (logits, aux, batch_stats)
+
+  def source_panel(self, batch, images, source_logits=None):
+    """Panel tiles of the source side: image, ground truth and the student's prediction."""
+    tiles = {"source": panels.image(images), "source GT": panels.label(batch["source"]["label"])}
+    if source_logits is not None:
+      tiles["source prediction"] = panels.prediction(source_logits, images.shape[1:3])
+    return tiles
 
   def learning_rates(self, step):
     return {f"lr_{group}": fn(step) for group, fn in self.schedules.items()}

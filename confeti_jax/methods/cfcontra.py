@@ -9,7 +9,7 @@ Two stages, chosen by `method.stage`:
   Training on that set is `--config.data.source.root=<stylised folder>`.
 * 'segment' (`CFContra`, the default): ADVENT MinEnt (methods/minent.py) plus the
   class-centre contrast of the official code (shiyutang/Coarse-to-fine-UDA at HEAD,
-  peers.md §5):
+  docs/peers.md §5):
     - features: layer4 through a projection head (`method.contrast.head`, paper
       Table 1; 'moco' in the code, which never trains it: `train_head=False`);
     - source and target banks of K unit centres in `state.banks`, initialised by a
@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from confeti_jax import augment, losses, models, weights
+from confeti_jax import augment, losses, models, panels, weights
 from confeti_jax import prototypes as protos
 from confeti_jax import state as state_lib
 from confeti_jax.methods import base, minent
@@ -230,8 +230,8 @@ class CFContra(minent.MinEnt):
       seg_bs, head_bs = _split(state.batch_stats)
       src_loss, metrics_s, logits_s, feats_s, seg_bs = self.source_losses(
           seg_params, seg_bs, src_images, src_labels)
-      tgt_loss, metrics_t, _, feats_t, seg_bs = self.target_losses(seg_params, seg_bs,
-                                                                   tgt_images)
+      tgt_loss, metrics_t, logits_t, feats_t, seg_bs = self.target_losses(
+          seg_params, seg_bs, tgt_images)
       f_s, head_bs = self.project(head_params, head_bs, feats_s["layer4"])
       f_t, head_bs = self.project(head_params, head_bs, feats_t["layer4"])
       grid = f_s.shape[1:3]
@@ -243,7 +243,8 @@ class CFContra(minent.MinEnt):
       contrast = gate * sum(self.weights[n] * v for n, v in terms.items())
       metrics = {**metrics_s, **metrics_t, **{f"loss_contra_{n}": v for n, v in terms.items()},
                  "loss_contra": contrast, "contrast_active": gate}
-      aux = dict(f_s=f_s, f_t=f_t, labels_s=labels_s, labels_t=labels_t,
+      aux = dict(f_s=f_s, f_t=f_t, labels_s=labels_s, labels_t=labels_t, logits_s=logits_s,
+                 logits_t=logits_t,
                  pred_s=jnp.argmax(_on_grid(logits_s, grid), axis=-1).astype(jnp.int32),
                  batch_stats=_join(seg_bs, head_bs), metrics=metrics)
       return src_loss + tgt_loss + contrast, jax.lax.stop_gradient(aux)
@@ -258,6 +259,10 @@ class CFContra(minent.MinEnt):
     metrics = {"loss": loss, **aux["metrics"], "pseudo_acc": acc, "pseudo_coverage": coverage,
                "pseudo_acc_code": acc_code, "grad_norm": base.global_norm(grads),
                **self.learning_rates(step)}
+    metrics = panels.attach(metrics, self.panel_images, lambda: self.panel(
+        batch, src_images, aux["logits_s"], tgt_images, aux["logits_t"],
+        extra={"pseudo-label (nearest source centre)": panels.label(
+            augment.resize_nearest(aux["labels_t"], tgt_images.shape[1:3]))}))
     return state.replace(step=step + 1, seg=seg, batch_stats=aux["batch_stats"],
                          banks=new_banks), metrics
 
@@ -265,7 +270,7 @@ class CFContra(minent.MinEnt):
 class AdaINTraining:
   """Stage 'style': the AdaIN decoder trained on source content and target style crops.
 
-  pytorch-AdaIN's recipe (peers.md §2.1): the normalised VGG-19 encoder to relu4_1,
+  pytorch-AdaIN's recipe (docs/peers.md §2.1): the normalised VGG-19 encoder to relu4_1,
   frozen, its weights imported (`method.style.vgg_weights`, an .npz of
   vgg_normalised.pth); content weight 1, style weight 10; Adam 1e-4 with
   lr_t = lr / (1 + 5e-5 t). The encoder sits in `state.imnet`, the decoder in

@@ -1,7 +1,7 @@
 """CONFETI: DACS + CAM-weighted mixed prototypes, pixel-to-prototype contrast, regulariser,
 and the jointly trained CUT generator with the prototypical semantic consistency L_SC.
 
-The paper's method (§3.2, supplement) as the official code runs it (confeti_spec.md §3-5,
+The paper's method (§3.2, supplement) as the official code runs it (docs/reference_code.md §3-5,
 §12), all inside the one jitted step:
 
 1. [joint stage] G runs once on cat(x_s, x_t); its source half is the stylised source
@@ -157,7 +157,7 @@ class CONFETI(dacs.DACS):
   # -- pipeline ------------------------------------------------------------------
   @classmethod
   def stage_plan(cls, config, workdir):
-    """[(name, config, workdir)] of the stages in `method.stages` (confeti_spec.md §5).
+    """[(name, config, workdir)] of the stages in `method.stages` (docs/reference_code.md §5).
 
     Stage 0 trains CUT alone; stage 1 is the joint stage, its generator taken from
     stage 0 when that is in the plan (or was run), else imported (cut.gen_weights) or
@@ -309,6 +309,10 @@ class CONFETI(dacs.DACS):
                                          params[PHI_KEY])
     return self.sc_weight * loss, stats
 
+  @property
+  def stylizes(self):
+    return self.pixel_alignment
+
   def stylised_source(self, state, batch):
     """(s2t or None, the joint generator's forward or None) for this step."""
     if not self.pixel_alignment:
@@ -362,7 +366,7 @@ class CONFETI(dacs.DACS):
             params, stats, prep["raw_source"], fake_src, p)
       parts["loss_fd"] = self.fd_loss(aux, prep)
 
-      mix_loss, (_, aux, stats) = self.segmentation_loss(
+      mix_loss, (mix_logits, aux, stats) = self.segmentation_loss(
           params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"],
           dropout_key=base.dropout_key(key, 1))
       parts["loss_mix_seg"] = mix_loss
@@ -387,14 +391,14 @@ class CONFETI(dacs.DACS):
 
         parts["loss_tgt_pcl"], parts["loss_tgt_reg"], stats = jax.lax.cond(
             gates["pcl_target"], target_terms, skipped, stats)
-      return sum(parts.values()), (stats, parts)
+      return sum(parts.values()), (stats, parts, mix_logits)
 
     argnums = (0, 1) if self.sc_active else 0
-    (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)(
-        state.seg.params, fake_src)
+    (loss, (stats, parts, mix_logits)), grads = jax.value_and_grad(
+        loss_fn, argnums=argnums, has_aux=True)(state.seg.params, fake_src)
     grads, fake_grad = grads if self.sc_active else (grads, None)
     seg = state.seg.apply_gradients(grads)
-    metrics = self.step_metrics(batch, prep, loss, parts, grads, step)
+    metrics = self.step_metrics(batch, prep, loss, parts, grads, step, mix_logits)
     new_state = state.replace(step=step + 1, seg=seg, batch_stats=stats,
                               teacher=prep["teacher"], protos=protos)
     if self.proto_enabled:

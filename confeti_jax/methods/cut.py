@@ -1,7 +1,7 @@
 """Stage 0 of CONFETI: stand-alone CUT from source (A) to target (B) crops, no segmentor.
 
 CONFETI's stage 1 starts from a pre-trained CUT (`checkpoints/gta2cs_1080_512/
-latest_net_{G,D,F}.pth`, confeti_spec.md §5); the script that trained it is not in the
+latest_net_{G,D,F}.pth`, docs/reference_code.md §5); the script that trained it is not in the
 repository. This method trains it with the CUT defaults CONFETI runs (spec §4.2, the
 `method.cut` sub-dict): resnet_9blocks G, PatchGAN D, patch MLPs, LSGAN + PatchNCE with
 identity NCE, Adam 2e-4 (0.5, 0.999) at a constant rate, one D then one G + F step per
@@ -13,8 +13,8 @@ iteration on batch_size source + batch_size target crops. There is nothing to ev
 import jax
 import jax.numpy as jnp
 
+from confeti_jax import panels, style
 from confeti_jax import state as state_lib
-from confeti_jax import style
 
 STREAM_PATCHES = 1  # the NCE patch ids, folded into the step key
 
@@ -32,6 +32,7 @@ class CUTTraining:
     self.model = style.build_cut(cut_cfg, dtype=str(config.model.dtype))
     self.model_name = f"cut/resnet_{int(cut_cfg.n_blocks)}blocks_ngf{int(cut_cfg.ngf)}"
     self.lr = float(cut_cfg.lr)
+    self.panel_images = int(config.train.get("image_every_steps", 0)) > 0
 
   def init_state(self, key):
     gen, disc, patch_mlp = style.init_cut(key, self.model)
@@ -45,6 +46,10 @@ class CUTTraining:
         self.model, state.gen, state.disc, state.patch_mlp, xs, xt,
         jax.random.fold_in(key, STREAM_PATCHES))
     metrics = dict(out["metrics"], lr_cut=jnp.asarray(self.lr, jnp.float32))
+    metrics = panels.attach(metrics, self.panel_images, lambda: {
+        "source": panels.raw(batch["source"]["image"]),
+        "G(source)": panels.image(style.cut_to_seg(out["fake"])),
+        "target": panels.raw(batch["target"]["image"])})
     new_state = state.replace(step=state.step + 1, gen=gen, disc=disc, patch_mlp=patch_mlp)
     return new_state, metrics
 

@@ -1,7 +1,7 @@
 """Mean-teacher self-training with ClassMix: DACS as DAFormer/CONFETI's code runs it.
 
 CONFETI's "Baseline (Sec. 3.1)" and the base every CONFETI variant adds to
-(confeti_spec.md §2, §12). One iteration, all inside one jitted step:
+(docs/reference_code.md §2, §12). One iteration, all inside one jitted step:
 
 1. EMA teacher update, alpha_t = min(1 - 1/(t+1), 0.999), on parameters only (at t = 0
    this copies the student, the reference's initialisation).
@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from confeti_jax import augment, losses, models, photometric
+from confeti_jax import augment, losses, models, panels, photometric
 from confeti_jax import mic as mic_lib
 from confeti_jax import state as state_lib
 from confeti_jax.methods import base
@@ -207,12 +207,33 @@ class DACS(base.SegmentorMethod):
     return self.fd_lambda * losses.masked_feature_distance(
         aux["layer4"], prep["imnet_feats"], prep["fd_mask"])
 
-  def step_metrics(self, batch, prep, loss, parts, grads, step):
+  stylizes = False  # whether `s2t` differs from the raw source (a style module runs)
+
+  def panel(self, batch, prep, mixed_logits):
+    """The debug panel DAFormer's code draws: source side, target with the teacher's
+    pseudo-label and confidence, the ClassMix image and label, the student's prediction."""
+    tiles = self.source_panel(batch, prep["raw_source"])
+    if self.stylizes:
+      tiles["stylised source"] = panels.image(prep["s2t"])
+    tiles["target"] = panels.image(prep["target"])
+    if "label" in batch["target"]:
+      tiles["target GT"] = panels.label(batch["target"]["label"])
+    tiles["pseudo-label"] = panels.label(prep["pseudo"])
+    tiles[f"confidence (q: >={self.pseudo_threshold:g})"] = panels.heat(prep["max_prob"])
+    tiles["mixed"] = panels.image(prep["mixed"])
+    tiles["mixed label"] = panels.label(prep["mixed_labels"])
+    tiles["prediction on mixed"] = panels.prediction(mixed_logits)
+    if self.mic:
+      tiles["MIC masked target"] = panels.image(prep["mic_image"])
+    return tiles
+
+  def step_metrics(self, batch, prep, loss, parts, grads, step, mixed_logits=None):
     metrics = {"loss": loss, **parts, "pseudo_weight": prep["q"],
                "grad_norm": base.global_norm(grads), **self.learning_rates(step)}
     if "label" in batch["target"]:
       metrics["pseudo_acc"] = pseudo_label_accuracy(prep["pseudo"], batch["target"]["label"])
-    return metrics
+    return panels.attach(metrics, self.panel_images and mixed_logits is not None,
+                         lambda: self.panel(batch, prep, mixed_logits))
 
   def train_step(self, state, batch, key):
     prep = self.prepare(state, batch, key)
@@ -223,18 +244,18 @@ class DACS(base.SegmentorMethod):
           params, state.batch_stats, prep["s2t"], prep["src_labels"],
           dropout_key=base.dropout_key(key, 0))
       fd_loss = self.fd_loss(aux, prep)
-      mix_loss, (_, _, stats) = self.segmentation_loss(
+      mix_loss, (mix_logits, _, stats) = self.segmentation_loss(
           params, stats, prep["mixed"], prep["mixed_labels"], weight=prep["mixed_weight"],
           dropout_key=base.dropout_key(key, 1))
       parts = {"loss_src_seg": src_loss, "loss_fd": fd_loss, "loss_mix_seg": mix_loss}
       if self.mic:
         parts["loss_mic"], stats = self.mic_loss(params, stats, prep, key)
-      return sum(parts.values()), (stats, parts)
+      return sum(parts.values()), (stats, parts, mix_logits)
 
-    (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (stats, parts, mix_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.seg.params)
     seg = state.seg.apply_gradients(grads)
-    metrics = self.step_metrics(batch, prep, loss, parts, grads, state.step)
+    metrics = self.step_metrics(batch, prep, loss, parts, grads, state.step, mix_logits)
     new_state = state.replace(step=state.step + 1, seg=seg, batch_stats=stats,
                               teacher=prep["teacher"])
     return new_state, metrics

@@ -1,6 +1,6 @@
 """ADVENT MinEnt: source cross-entropy plus the normalised entropy of target predictions.
 
-ADVENT (Vu et al. 2019, peers.md §3.1) and the CFContra code built on it:
+ADVENT (Vu et al. 2019, docs/peers.md §3.1) and the CFContra code built on it:
 
 * source: CE of the logits upsampled (bilinear, align_corners=True) to the label size,
   averaged over the *labelled* pixels (ADVENT's `cross_entropy_2d`, unlike mmseg's mean
@@ -19,10 +19,12 @@ usual meaning of "frozen BN"). The optimiser (ADVENT: SGD 2.5e-4, momentum 0.9, 
 keeps its AdamW.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from confeti_jax import augment, losses, models
+from confeti_jax import augment, losses, models, panels
 from confeti_jax.methods import base
 
 
@@ -93,6 +95,21 @@ class MinEnt(base.SegmentorMethod):
     return loss, metrics, logits, feats, batch_stats
 
   # -- step ----------------------------------------------------------------------
+  def panel(self, batch, src_images, src_logits, tgt_images, tgt_logits, extra=None):
+    """Source side, the target with the student's prediction and its normalised entropy
+    (what MinEnt minimises), then `extra` tiles (CFContra's pseudo-labels)."""
+    tiles = self.source_panel(batch, src_images, src_logits)
+    tiles["target"] = panels.image(tgt_images)
+    if "label" in batch["target"]:
+      tiles["target GT"] = panels.label(batch["target"]["label"])
+    size = tgt_images.shape[1:3]
+    tiles["target prediction"] = panels.prediction(tgt_logits, size)
+    probs = jax.nn.softmax(upsample(tgt_logits[:1].astype(jnp.float32), size), axis=-1)
+    entropy = -jnp.sum(probs * jnp.log(probs + 1e-30), axis=-1)
+    tiles["target entropy / log K"] = panels.heat(entropy, math.log(self.num_classes))
+    tiles.update(extra or {})
+    return tiles
+
   def train_step(self, state, batch, key):
     del key  # MinEnt draws nothing at random
     src_images = augment.normalize(batch["source"]["image"])
@@ -100,14 +117,16 @@ class MinEnt(base.SegmentorMethod):
     tgt_images = augment.normalize(batch["target"]["image"])
 
     def loss_fn(params):
-      src_loss, src_metrics, _, _, bs = self.source_losses(
+      src_loss, src_metrics, src_logits, _, bs = self.source_losses(
           params, state.batch_stats, src_images, src_labels)
-      tgt_loss, tgt_metrics, _, _, bs = self.target_losses(params, bs, tgt_images)
-      return src_loss + tgt_loss, ({**src_metrics, **tgt_metrics}, bs)
+      tgt_loss, tgt_metrics, tgt_logits, _, bs = self.target_losses(params, bs, tgt_images)
+      return src_loss + tgt_loss, ({**src_metrics, **tgt_metrics}, bs, src_logits, tgt_logits)
 
-    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.seg.params)
+    (loss, (metrics, batch_stats, src_logits, tgt_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.seg.params)
     seg = state.seg.apply_gradients(grads)
     metrics = {"loss": loss, **metrics, "grad_norm": base.global_norm(grads),
                **self.learning_rates(state.step)}
+    metrics = panels.attach(metrics, self.panel_images, lambda: self.panel(
+        batch, src_images, src_logits, tgt_images, tgt_logits))
     return state.replace(step=state.step + 1, seg=seg, batch_stats=batch_stats), metrics
