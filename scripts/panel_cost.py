@@ -50,12 +50,12 @@ def main(argv):
   del argv
   import jax
 
-  from confeti_jax import sharding
-  from scripts import benchmark
+  from confeti_jax import sharding, train
+  from confeti_jax.data import pipeline
 
   config = _CONFIG.value
-  batch = sharding.to_global(benchmark.synthetic_batch(config, np.random.default_rng(0)),
-                             sharding.make_mesh())
+  src, tgt = pipeline.make_train_iterators(config)  # one real batch, reused for every step
+  batch, _ = train.next_global_batch({"source": src, "target": tgt}, sharding.make_mesh())
   every = int(config.train.image_every_steps) or 100
   sides = {"off": compiled_step(config, 0, batch), "on": compiled_step(config, every, batch)}
   states = {name: side[1] for name, side in sides.items()}
