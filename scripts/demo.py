@@ -41,9 +41,12 @@ def _read(folder, prefix="eval"):
     return json.load(f)
 
 
-def _report(lines):
-  logging.info("\n".join(lines))
-  print("\n".join(lines))
+def _report(lines, workdir):
+  """Prints the result block once (stdout) and keeps a copy in workdir/demo.txt."""
+  text = "\n".join(lines)
+  print(text, flush=True)
+  with open(os.path.join(workdir, "demo.txt"), "w") as f:
+    f.write(text.lstrip("\n") + "\n")
 
 
 def single_stage(config, workdir):
@@ -58,6 +61,7 @@ def single_stage(config, workdir):
   total_s = time.time() - t0
 
   target, source = _read(workdir), _read(workdir, "eval_source")
+  grid = comparison_grid(config, workdir, [(config, workdir)])
   _report([
       "",
       f"confeti_jax toy demo ({config.method.name}, {config.model.backbone} "
@@ -68,8 +72,20 @@ def single_stage(config, workdir):
       f"{source['dataset']})",
       f"  domain gap       {source['miou'] - target['miou']:6.2f} mIoU points",
       f"  wall time        {train_s:6.1f} s training+eval, {total_s:6.1f} s with source eval",
+      f"  predictions      {grid}",
       f"  outputs          {workdir}/eval/latest.md, metrics.jsonl, tensorboard/",
-  ])
+      f"  report           python scripts/report.py --workdir={workdir}",
+  ], workdir)
+
+
+def comparison_grid(config, workdir, runs):
+  """visualize/grid.png of `runs` [(config, workdir)] on the target val images: image,
+  ground truth, then each run's prediction and error map."""
+  from confeti_jax import sharding, visualize
+
+  mesh = sharding.make_mesh()
+  restored = [visualize.load_run(c, w, mesh, use_fallback=True) for c, w in runs]
+  return visualize.write_grid(config, workdir, restored)
 
 
 def baseline_config(config):
@@ -100,6 +116,8 @@ def pipeline(config, workdir, baseline_workdir):
     grid = "(no grid: the run has no CUT generator)"
 
   ours, base = _read(workdir), _read(baseline_workdir)
+  comparison = comparison_grid(config, workdir, [(config, workdir),
+                                                 (baseline_config(config), baseline_workdir)])
   steps = ", ".join(f"{name} {int(c.train.steps)}" for name, c, _ in plan)
   _report([
       "",
@@ -110,8 +128,12 @@ def pipeline(config, workdir, baseline_workdir):
       f"  target val mIoU  {base['miou']:6.2f}  source_only",
       f"  gain             {ours['miou'] - base['miou']:6.2f} mIoU points",
       f"  wall time        {pipeline_s:6.1f} s pipeline, {total_s:6.1f} s with the baseline",
-      f"  outputs          {workdir}/eval/latest.md, {grid}",
-  ])
+      f"  pictures         {grid} (source | stylised | target | prediction | ground truth)",
+      f"                   {comparison} (predictions and errors, both runs)",
+      f"  outputs          {workdir}/eval/latest.md, stage*/ (each stage: metrics, tensorboard)",
+      f"  report           python scripts/report.py --workdir={workdir} "
+      f"--workdir={baseline_workdir}",
+  ], workdir)
 
 
 def main(argv):
