@@ -46,9 +46,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/toy.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, eval.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "stylize"],
+    "mode", "train", ["train", "eval", "stylize", "visualize"],
     "train (every stage of a multi-stage method, resuming), eval (the latest checkpoint of "
-    "the last stage), stylize (the generator's stylised source images as PNGs).")
+    "the last stage), stylize (the generator's stylised source images as PNGs), visualize "
+    "(prediction grid, CONFETI's CAM maps and a feature t-SNE in workdir/visualize/).")
+_COMPARE = flags.DEFINE_list(
+    "compare", [], "--mode=visualize: more workdirs whose predictions join the grid.")
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", 4, "--mode=visualize: target val images (rows) in the grid.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize(): 'auto' when a coordinator is given or detectable.")
@@ -93,9 +98,9 @@ def main(argv):
 
 
 def _run(config, workdir):
-  from confeti_jax import evaluate, stages, stylize, train
+  from confeti_jax import evaluate, run_config, stages, stylize, train, visualize
 
-  logging.info("Config:\n%s", config)
+  logging.info("%s", run_config.summary(config, os.path.abspath(workdir)))
   plan = stages.plan_for(config, workdir)  # None: a single-stage method
   if _MODE.value == "train":
     if plan:
@@ -106,6 +111,8 @@ def _run(config, workdir):
     if plan:
       _, config, workdir = plan[-1]
     evaluate.run(config, workdir)
+  elif _MODE.value == "visualize":
+    visualize.main_mode(config, workdir, compare=_COMPARE.value, num_images=_NUM_IMAGES.value)
   else:
     stylize.main_mode(config, workdir)
 

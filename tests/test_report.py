@@ -15,8 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import report  # noqa: E402
 
-pytest.importorskip("matplotlib")
-
 CLASSES = ["road", "sidewalk", "traffic light", "bicycle"]
 
 
