@@ -17,9 +17,7 @@ import dataclasses
 import datetime
 import hashlib
 import html
-import io
 import json
-import math
 import os
 import re
 import sys
@@ -27,20 +25,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import plot_metrics  # noqa: E402
+import report_curves  # noqa: E402
 
 from confeti_jax import evaluate, writer  # noqa: E402
 from confeti_jax.run_config import CONFIG_FILE  # noqa: E402
 
 # Stage folders are named by the methods' `stage_plan` (stage0, stage1, stage2, ...).
 STAGE_FOLDER = re.compile(r"^stage(\d+)(.*)$")
-# Evaluation folders: the target val split, and the source val split (eval.dataset=source).
-EVAL_FOLDERS = {"eval": "target val", "eval_source": "source val"}
 IMAGE_FOLDERS = ("eval", "visualize", "panels")  # panels: the latest training panel
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 STEP_FILE = re.compile(r"^step_(\d+)\.json$")
-SUBSET_KEYS = ("miou16", "miou13")
-PSEUDO_KEYS = ("pseudo_acc", "pseudo_weight")
-LEGEND_INSIDE_MAX = 5  # lines in a panel whose legend still fits inside it
 
 
 @dataclasses.dataclass
@@ -74,7 +68,7 @@ def _read_json(path):
 def _read_evals(folder):
   """(records by step, best, latest) of every eval folder present in `folder`."""
   evals, best, latest = {}, {}, {}
-  for prefix in EVAL_FOLDERS:
+  for prefix in report_curves.EVAL_FOLDERS:
     directory = os.path.join(folder, prefix)
     if not os.path.isdir(directory):
       continue
@@ -136,110 +130,6 @@ def _run_names(workdirs):
   return [n if names.count(n) == 1 else w for n, w in zip(names, workdirs)]
 
 
-# ----------------------------------------------------------------------------------------
-# Curves.
-
-
-def _eval_rows(stage, prefix, key):
-  return [r for r in stage.evals.get(prefix, []) if key in r]
-
-
-def _keys(rows, accept):
-  """Logged keys that `accept`s, 'loss' first then alphabetical (the legend's order)."""
-  keys = {k for row in rows for k in row if k != "step" and accept(k)}
-  return sorted(keys, key=lambda k: (k != "loss", k))
-
-
-def _panels(stage):
-  """[(title, [(label, rows, key)], log_y, markers)] of the curves a stage has logged;
-  markers for the evaluations, which are few points."""
-  rows = stage.rows
-  panels = []
-  losses = _keys(rows, lambda k: k == "loss" or k.startswith("loss_"))
-  if losses:
-    panels.append(("losses", [(k, rows, k) for k in losses], False, False))
-  cut_losses = _keys(rows, lambda k: k.startswith("cut_loss"))  # CONFETI's joint stage
-  if cut_losses:
-    panels.append(("CUT losses", [(k, rows, k) for k in cut_losses], False, False))
-  rates = _keys(rows, lambda k: k == "lr" or k.startswith("lr_"))
-  if rates:
-    panels.append(("learning rates", [(k, rows, k) for k in rates], True, False))
-  lines = []
-  for prefix, split in EVAL_FOLDERS.items():
-    for key, title in [("miou", "mIoU")] + [(k, evaluate._SUBSET_TITLES[k]) for k in SUBSET_KEYS]:
-      records = _eval_rows(stage, prefix, key)
-      if records:
-        lines.append((f"{title} ({split})", records, key))
-  if lines:
-    panels.append(("mIoU of the evaluations (%)", lines, False, True))
-  pseudo = [k for k in PSEUDO_KEYS if any(k in r for r in rows)]
-  if pseudo:
-    names = {"pseudo_acc": "pseudo-label accuracy", "pseudo_weight": "pseudo_weight (q)"}
-    panels.append(("pseudo-labels", [(names[k], rows, k) for k in pseudo], False, False))
-  for key, title in (("grad_norm", "gradient norm"), ("steps_per_sec", "steps / s")):
-    if any(key in r for r in rows):
-      panels.append((title, [(key, rows, key)], False, False))
-  return panels
-
-
-def _plotted_keys(panels):
-  return {key for _, lines, *_ in panels for _, _, key in lines}
-
-
-def _pyplot():
-  try:
-    import matplotlib
-  except ImportError:
-    raise SystemExit("report: needs matplotlib for the curves; `pip install matplotlib`.")
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def figure_png(panels, title=""):
-  """PNG bytes of `panels` two per row; a line that turns non-finite ends in a cross, as
-  in plot_metrics, labelled with the first non-finite step."""
-  plt = _pyplot()
-  columns = 2 if len(panels) > 1 else 1
-  grid_rows = math.ceil(len(panels) / columns)
-  from matplotlib.ticker import MaxNLocator
-  fig, axes = plt.subplots(grid_rows, columns, figsize=(6.2 * columns, 3.1 * grid_rows),
-                           squeeze=False, layout="constrained")
-  for ax in axes.flat[len(panels):]:
-    ax.set_visible(False)
-  for ax, (panel_title, lines, log_y, markers) in zip(axes.flat, panels):
-    all_values = []
-    for index, (label, rows, key) in enumerate(lines):
-      steps, values, bad = plot_metrics.series(rows, key)
-      colour = f"C{index}" if len(lines) <= 10 else plt.cm.tab20(index % 20)
-      text = label if bad is None else f"{label} (non-finite from step {bad})"
-      ax.plot(steps, values, color=colour, lw=1.2, marker="o" if markers else None, ms=4,
-              label=text)
-      if bad is not None and steps:
-        ax.plot(steps[-1], values[-1], "x", color=colour, ms=10, mew=2)
-      all_values += values
-    if log_y and all_values and min(all_values) > 0 and max(all_values) > 10 * min(all_values):
-      ax.set_yscale("log")
-    ax.set_title(panel_title, fontsize=10)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    eval_steps = sorted({int(r["step"]) for _, rows, _ in lines for r in rows})
-    if markers and len(eval_steps) <= 12:  # the evaluated steps themselves, not 20.5
-      ax.set_xticks(eval_steps)
-    ax.grid(alpha=0.3)
-    if len(lines) > LEGEND_INSIDE_MAX:  # below the axes, where it hides no curve
-      ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
-    else:
-      ax.legend(fontsize=7, loc="best")
-  if title:
-    fig.suptitle(title)
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=90)
-  plt.close(fig)
-  return buffer.getvalue()
-
-
 def _data_uri(data, mime="image/png"):
   return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -295,7 +185,7 @@ def iou_table(runs):
   entries = []
   for run in runs:
     for stage in run.stages:
-      for prefix, split in EVAL_FOLDERS.items():
+      for prefix, split in report_curves.EVAL_FOLDERS.items():
         for kind, records in (("best", stage.best), ("latest", stage.latest)):
           if prefix in records:
             entries.append((_label(run, stage), split, kind, records[prefix]))
@@ -304,7 +194,7 @@ def iou_table(runs):
   class_names = []
   for *_, record in entries:
     class_names += [n for n in record.get("per_class_iou", {}) if n not in class_names]
-  subsets = [k for k in SUBSET_KEYS if any(k in r for *_, r in entries)]
+  subsets = [k for k in report_curves.SUBSET_KEYS if any(k in r for *_, r in entries)]
   head = "".join(f'<th title="{html.escape(n)}">{html.escape(evaluate._short_name(n))}</th>'
                  for n in class_names)
   head += "<th>mIoU</th>" + "".join(f"<th>{evaluate._SUBSET_TITLES[k]}</th>" for k in subsets)
@@ -393,13 +283,14 @@ def run_section(run):
     if stage.name:
       parts.append(f'<p class="meta">{html.escape(_model(stage))} &middot; '
                    f"<code>{html.escape(stage.path)}</code></p>")
-    panels = _panels(stage)
+    panels = report_curves.panels_of(stage)
     if panels:
-      parts.append(f'<figure class="curves">{_img(figure_png(panels), heading)}</figure>')
+      figure = _img(report_curves.figure_png(panels), heading)
+      parts.append(f'<figure class="curves">{figure}</figure>')
     else:
       parts.append("<p>Nothing logged yet (metrics.jsonl is empty or missing).</p>")
-    others = sorted(set(_keys(stage.rows, lambda k: True)) - _plotted_keys(panels)
-                    - {"eta_seconds"})
+    logged = set(report_curves.keys_of(stage.rows, lambda k: True))
+    others = sorted(logged - report_curves.plotted_keys(panels) - {"eta_seconds"})
     if others:
       parts.append(f'<p class="meta">Also logged (plot with scripts/plot_metrics.py): '
                    f"{html.escape(', '.join(others))}</p>")
@@ -431,7 +322,7 @@ def overview(runs):
     panels.append(("mIoU, target val (%)", miou, False, True))
   if not panels:
     return ""
-  return f'<figure class="curves">{_img(figure_png(panels), "overview")}</figure>'
+  return f'<figure class="curves">{_img(report_curves.figure_png(panels), "overview")}</figure>'
 
 
 CSS = """
