@@ -154,8 +154,11 @@ def _model(stage):
   record = next(iter(stage.latest.values()), None)
   if record and record.get("model"):
     return record["model"]
-  model = stage.config.get("model", {})
-  return "/".join(str(model[k]) for k in ("decoder", "backbone") if model.get(k)) or "?"
+  method = stage.config.get("method", {})
+  if method.get("name") == "cut" or (method.get("name") == "confeti" and method.get("stage") == 0):
+    cut = method.get("cut", {})  # CONFETI's stage 0 trains CUT alone: no segmentor
+    return f"cut/resnet_{cut.get('n_blocks', '?')}blocks_ngf{cut.get('ngf', '?')}"
+  return str(stage.config.get("model", {}).get("backbone", "?"))
 
 
 def _dataset(stage):
