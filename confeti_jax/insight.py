@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from confeti_jax import augment, stages, visualize
+from confeti_jax import augment, panels, stages, visualize
 from confeti_jax import prototypes as protos_lib
 from confeti_jax.data import labels as labels_lib
 from confeti_jax.data import pipeline
@@ -43,11 +43,10 @@ def features_fn(method):
 
 
 def heat(values, image, size):
-  """`values` (h x w in [0, 1]) upsampled bilinearly to `size`, coloured 'jet' over `image`."""
-  from matplotlib import colormaps
-
+  """`values` (h x w in [0, 1]) upsampled bilinearly to `size`, in the training panels'
+  heat ramp (black-red-yellow-white) blended over `image`."""
   up = Image.fromarray(np.asarray(values, np.float32)).resize(size[::-1], Image.BILINEAR)
-  rgb = colormaps["jet"](np.clip(np.asarray(up), 0.0, 1.0))[..., :3] * 255.0
+  rgb = panels.heat_colours(np.asarray(up)).astype(np.float32)
   return (0.5 * rgb + 0.5 * image.astype(np.float32)).astype(np.uint8)
 
 
@@ -82,10 +81,10 @@ def cam_panels(config, run):
   then the ground truth and per class the prototype similarity (the classes present,
   largest first). Each map is stretched to its own range, which its header states."""
   names = labels_lib.class_set(config.class_set)[0]
-  table = visualize.colour_table(names)
+  table = labels_lib.colour_table(names)
   protos = restore_protos(run)
   feats_fn = features_fn(run.method)
-  panels = []
+  rows = []
   for images, label in pick_images(config):
     size = visualize.tile_size(*label.shape)
     image = visualize.fit(images[0], size, nearest=False)
@@ -103,8 +102,8 @@ def cam_panels(config, run):
         unset = " (no proto)" if what == "cos" and not np.any(protos[c]) else ""
         headers.append(f"{what} {names[c]}: {low:.2f}..{high:.2f}{unset}")
         tiles.append(heat((values - low) / max(high - low, 1e-12), image, size))
-    panels += [cams, sims]
-  return panels
+    rows += [cams, sims]
+  return rows
 
 
 def write_cam(config, workdir, run):
@@ -113,12 +112,12 @@ def write_cam(config, workdir, run):
     logging.info("visualize: %s has no CAM / prototypes (method=%s); no cam.png.", run.name,
                  run.config.method.name)
     return None
-  panels = cam_panels(config, run)
+  rows = cam_panels(config, run)
   canvases = [visualize.tile_canvas([tiles], headers, tiles[0].shape[:2])
-              for headers, tiles in panels]
+              for headers, tiles in rows]
   note = ("Top rows: the class's CAM; bottom rows: cosine similarity of the projected "
-          "features to the class prototype; each map from its minimum (blue) to its maximum "
-          "(red), as its header says.")
+          "features to the class prototype; each map from its minimum (dark) to its maximum "
+          "(white), as its header says.")
   width = max(c.width for c in canvases)
   out = Image.new("RGB", (width, sum(c.height + visualize.GAP for c in canvases)
                           + visualize.TEXT_HEIGHT), visualize.WHITE)
@@ -131,7 +130,7 @@ def write_cam(config, workdir, run):
   draw.text((3, top + 3), visualize.fit_text(draw, note, width - 6, fnt), fill=(0, 0, 0),
             font=fnt)
   path = visualize.save(out, workdir, "cam.png")
-  logging.info("Wrote the CAM / prototype maps of %d images to %s", len(panels) // 2, path)
+  logging.info("Wrote the CAM / prototype maps of %d images to %s", len(rows) // 2, path)
   return path
 
 
@@ -194,7 +193,7 @@ def plot_embedding(xy, classes, domains, class_names, title):
   from matplotlib.figure import Figure
   from matplotlib.lines import Line2D
 
-  table = visualize.colour_table(class_names)
+  table = labels_lib.colour_table(class_names)
   fig = Figure(figsize=(9, 6.5), dpi=110)
   canvas = FigureCanvasAgg(fig)
   ax = fig.add_axes((0.06, 0.06, 0.66, 0.86))

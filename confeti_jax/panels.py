@@ -78,7 +78,7 @@ def pop(metrics):
 
 
 # -- the picture, on the host ---------------------------------------------------------------
-def _heat_colours(values):
+def heat_colours(values):
   """A black-red-yellow-white ramp (like matplotlib's 'hot'), without matplotlib."""
   v = np.clip(np.asarray(values, np.float32), 0.0, 1.0)
   rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)],
@@ -86,23 +86,25 @@ def _heat_colours(values):
   return (255 * rgb + 0.5).astype(np.uint8)
 
 
-def to_rgb(tile):
-  """uint8 RGB of one tile of any kind (see the module docstring)."""
+def to_rgb(tile, class_names=labels_lib.CLASSES):
+  """uint8 RGB of one tile of any kind (see the module docstring); label maps in the
+  colours of `class_names` (the run's class set)."""
   tile = np.asarray(tile)
   if tile.ndim == 3 and tile.dtype == np.uint8:
     return tile
   if tile.ndim == 2 and np.issubdtype(tile.dtype, np.integer):
-    return labels_lib.colorize(np.where((tile >= 0) & (tile < 256), tile, 255))
+    return labels_lib.colour_table(class_names)[np.where((tile >= 0) & (tile < 256), tile, 255)]
   if tile.ndim == 2 and np.issubdtype(tile.dtype, np.floating):
-    return _heat_colours(tile)
+    return heat_colours(tile)
   raise ValueError(f"panel tile of shape {tile.shape} and dtype {tile.dtype} is none of "
                    "uint8 HxWx3, integer HxW, float HxW")
 
 
-def compose(panel, columns=COLUMNS, min_size=MIN_TILE):
+def compose(panel, columns=COLUMNS, min_size=MIN_TILE, class_names=labels_lib.CLASSES):
   """One uint8 RGB picture: the tiles in order, `columns` per row, each titled by its key;
   tiles smaller than `min_size` pixels are enlarged (nearest) so titles stay legible."""
-  tiles = [(key.split("|", 1)[-1], to_rgb(tile)) for key, tile in sorted(panel.items())]
+  tiles = [(key.split("|", 1)[-1], to_rgb(tile, class_names))
+           for key, tile in sorted(panel.items())]
   if not tiles:
     raise ValueError("empty panel")
   factor = max(1, -(-min_size // min(t.shape[0] for _, t in tiles)))
@@ -121,10 +123,10 @@ def compose(panel, columns=COLUMNS, min_size=MIN_TILE):
   return np.asarray(canvas)
 
 
-def write(metric_writer, step, panel, workdir=None):
+def write(metric_writer, step, panel, workdir=None, class_names=labels_lib.CLASSES):
   """Writes the composed panel to TensorBoard ("train/panel") and, when `workdir` is given,
   to workdir/panels/latest.png (written atomically); returns the picture."""
-  picture = compose(jax.device_get(panel))
+  picture = compose(jax.device_get(panel), class_names=class_names)
   metric_writer.write_images(step, {"train/panel": picture})
   if workdir is not None and jax.process_index() == 0:
     from confeti_jax import stylize  # imports the trainer's modules; needed only here

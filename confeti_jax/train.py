@@ -302,7 +302,7 @@ def _train(config, workdir):
         step += 1
         if panel and image_every > 0 and step % image_every == 0:
           with chrono.paused():
-            panels.write(metric_writer, step, panel[0], workdir)
+            panels.write(metric_writer, step, panel[0], workdir, evaluator.class_names)
         summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
         count += 1
 

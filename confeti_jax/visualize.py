@@ -113,14 +113,6 @@ def fit_text(draw, text, width, fnt):
   return text + "..."
 
 
-def colour_table(class_names):
-  """256 x 3 uint8: class k of a class set -> its Cityscapes colour; the rest black."""
-  table = np.zeros((256, 3), np.uint8)
-  for k, name in enumerate(class_names):
-    table[k] = labels_lib.PALETTE[labels_lib.CLASSES.index(name)]
-  return table
-
-
 def error_map(pred, label, ignore_index=labels_lib.IGNORE_INDEX):
   """RGB uint8: red where `pred` is wrong, white where right, grey where ignored."""
   out = np.where((pred == label)[..., None], np.uint8(WHITE), np.uint8(RED)).astype(np.uint8)
@@ -174,7 +166,7 @@ def legend(class_names, width, extra=(("wrong", RED), ("right", WHITE), ("ignore
   """A strip of palette swatches named by class (then `extra` ones), wrapped to `width`."""
   fnt = font()
   probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-  table = colour_table(class_names)
+  table = labels_lib.colour_table(class_names)
   entries = [(n, tuple(int(v) for v in table[k])) for k, n in enumerate(class_names)]
   entries += list(extra)
   swatch = FONT_SIZE
@@ -203,7 +195,7 @@ def save(image, workdir, filename):
 def grid_rows(config, runs, num_images):
   """(rows of uint8 tiles, tile size): image, gt, then per run prediction and errors."""
   names = labels_lib.class_set(config.class_set)[0]
-  table = colour_table(names)
+  table = labels_lib.colour_table(names)
   predictors = [stylize._predictor(run.method, run.config) for run in runs]
   batches, count = pipeline.make_eval_batches(config, dataset="target", batch_size=1)
   rows, size = [], None

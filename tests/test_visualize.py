@@ -70,7 +70,7 @@ def _val_images(config, count):
 
 def _classes_of(tile, names):
   """trainIds of a colour-coded tile (255 where a colour is no class colour)."""
-  table = visualize.colour_table(names)[:len(names)]
+  table = labels.colour_table(names)[:len(names)]
   match = np.all(tile[..., None, :] == table[None, None], axis=-1)
   return np.where(match.any(-1), match.argmax(-1), 255)
 

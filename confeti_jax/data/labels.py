@@ -132,6 +132,15 @@ def map_ids(label, table):
   return table[label]
 
 
+def colour_table(class_names):
+  """256 x 3 uint8: class k of a class set (e.g. the 16 SYNTHIA classes) -> its
+  Cityscapes colour; every other id (255 = ignored) black."""
+  table = np.zeros((256, 3), np.uint8)
+  for k, name in enumerate(class_names):
+    table[k] = PALETTE[CLASSES.index(name)]
+  return table
+
+
 def colorize(train_ids):
   """RGB uint8 [..., 3] image of a trainId map; ignored pixels are black."""
   return _TRAIN_ID_COLOURS[np.asarray(train_ids, dtype=np.uint8)]
