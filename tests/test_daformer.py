@@ -45,7 +45,12 @@ CASES = {
                             "proto.pcl_after": 0}, "loss_mix_pcl"),
     "cfcontra": ("cfcontra", {"multi_level": False, "contrast.warmup_source_images": 8,
                               "contrast.warmup_target_images": 8}, "loss_contra"),
+    # BatchNorm on running statistics; the student must still drop.
+    "minent_bn_eval": ("minent", {"multi_level": False, "bn_eval": True}, "loss_ent"),
 }
+# Steps whose only randomness is the student's dropout / stochastic depth: a second key
+# must change the loss, or they would train MiT without DAFormer's regularisation.
+DROPOUT_ONLY = ("cfcontra", "minent_bn_eval")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -57,6 +62,9 @@ def test_method_trains_three_steps_on_mit_b0(case):
   state = jax.jit(method.init_state)(jax.random.key(0))
   step = jax.jit(method.train_step)
   first = jax.device_get(state.seg.params["backbone"]["block4_0"]["attn"]["q"]["kernel"])
+  if case in DROPOUT_ONLY:
+    losses = [float(step(state, _batch(config), jax.random.key(k))[1]["loss"]) for k in (7, 7, 8)]
+    assert losses[0] == losses[1] and losses[0] != losses[2], losses
   for i in range(3):
     state, metrics = step(state, _batch(config, i), jax.random.key(i + 1))
     assert np.isfinite(float(metrics["loss"])), (case, i, metrics)

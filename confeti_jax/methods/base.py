@@ -63,10 +63,9 @@ class SegmentorMethod:
     `dropout_key` enables the segmentor's dropout and stochastic depth (MiT / DAFormer
     head; DeepLabV2 has none): the student's forwards pass one, the teacher's never.
     """
-    rngs = {"dropout": dropout_key} if dropout_key is not None else None
     (logits, aux), updates = self.model.apply(
         {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"], rngs=rngs)
+        mutable=["batch_stats"], rngs=dropout_rngs(dropout_key))
     return logits, aux, updates["batch_stats"]
 
   def segmentation_loss(self, params, batch_stats, images, labels, weight=None,
@@ -110,6 +109,11 @@ class SegmentorMethod:
 
 
 STREAM_DROPOUT = 20
+
+
+def dropout_rngs(key):
+  """The `rngs` of a forward: dropout and stochastic depth run exactly when given a key."""
+  return {"dropout": key} if key is not None else None
 
 
 def dropout_key(key, index):

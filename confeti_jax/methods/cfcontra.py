@@ -219,7 +219,6 @@ class CFContra(minent.MinEnt):
   def train_step(self, state, batch, key):
     if not self.contrast:
       return super().train_step(state, batch, key)
-    del key  # nothing random
     src_images = augment.normalize(batch["source"]["image"])
     src_labels = batch["source"]["label"].astype(jnp.int32)
     tgt_images = augment.normalize(batch["target"]["image"])
@@ -229,9 +228,9 @@ class CFContra(minent.MinEnt):
       seg_params, head_params = _split(params)
       seg_bs, head_bs = _split(state.batch_stats)
       src_loss, metrics_s, logits_s, feats_s, seg_bs = self.source_losses(
-          seg_params, seg_bs, src_images, src_labels)
+          seg_params, seg_bs, src_images, src_labels, base.dropout_key(key, 0))
       tgt_loss, metrics_t, logits_t, feats_t, seg_bs = self.target_losses(
-          seg_params, seg_bs, tgt_images)
+          seg_params, seg_bs, tgt_images, base.dropout_key(key, 1))
       f_s, head_bs = self.project(head_params, head_bs, feats_s["layer4"])
       f_t, head_bs = self.project(head_params, head_bs, feats_t["layer4"])
       grid = f_s.shape[1:3]

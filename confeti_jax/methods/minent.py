@@ -14,7 +14,9 @@ ADVENT (Vu et al. 2019, docs/peers.md §3.1) and the CFContra code built on it:
 `method.bn_eval`: ADVENT keeps the network in train() mode, so BatchNorm normalises
 with batch statistics (and updates running ones) while its scale/bias are frozen
 (`optim.freeze_bn`); bn_eval=True normalises with the running statistics instead (the
-usual meaning of "frozen BN"). The optimiser (ADVENT: SGD 2.5e-4, momentum 0.9, wd
+usual meaning of "frozen BN"). On a MiT backbone the student's two forwards drop
+(DAFormer head dropout 0.1, stochastic depth) in either BatchNorm mode, as DAFormer's
+student does; DeepLabV2 has no dropout, so nothing changes there. The optimiser (ADVENT: SGD 2.5e-4, momentum 0.9, wd
 5e-4, heads x10, poly 0.9 over 250k of 120k steps) comes from `config.optim`; the toy
 keeps its AdamW.
 """
@@ -60,17 +62,20 @@ class MinEnt(base.SegmentorMethod):
       self.model = self.model.clone(aux_classifier=True)
 
   # -- forward -------------------------------------------------------------------
-  def forward(self, params, batch_stats, images):
-    """(stride-8 logits, features, BN statistics) in the configured BatchNorm mode."""
+  def forward(self, params, batch_stats, images, dropout_key=None):
+    """(stride-8 logits, features, BN statistics) in the configured BatchNorm mode.
+
+    `dropout_key` drops in either mode (MiT / DAFormer head; DeepLabV2 has no dropout).
+    """
     if self.bn_eval:
       logits, feats = self.model.apply({"params": params, "batch_stats": batch_stats},
-                                       images, train=False)
+                                       images, train=False, rngs=base.dropout_rngs(dropout_key))
       return logits, feats, batch_stats
-    return self.forward_train(params, batch_stats, images)
+    return self.forward_train(params, batch_stats, images, dropout_key)
 
-  def source_losses(self, params, batch_stats, images, labels):
+  def source_losses(self, params, batch_stats, images, labels, dropout_key=None):
     """Source CE (+ aux CE): (loss, metrics, logits, features, BN statistics)."""
-    logits, feats, batch_stats = self.forward(params, batch_stats, images)
+    logits, feats, batch_stats = self.forward(params, batch_stats, images, dropout_key)
     size = labels.shape[1:3]
     seg = valid_mean_cross_entropy(upsample(logits, size), labels)
     metrics = {"loss_src_seg": seg}
@@ -81,9 +86,9 @@ class MinEnt(base.SegmentorMethod):
       loss = loss + self.seg_weight_aux * seg_aux
     return loss, metrics, logits, feats, batch_stats
 
-  def target_losses(self, params, batch_stats, images):
+  def target_losses(self, params, batch_stats, images, dropout_key=None):
     """Weighted target entropy (+ aux): (loss, metrics, logits, features, BN statistics)."""
-    logits, feats, batch_stats = self.forward(params, batch_stats, images)
+    logits, feats, batch_stats = self.forward(params, batch_stats, images, dropout_key)
     size = images.shape[1:3]
     ent = losses.entropy_loss(upsample(logits, size))
     metrics = {"loss_ent": ent}
@@ -111,15 +116,15 @@ class MinEnt(base.SegmentorMethod):
     return tiles
 
   def train_step(self, state, batch, key):
-    del key  # MinEnt draws nothing at random
     src_images = augment.normalize(batch["source"]["image"])
     src_labels = batch["source"]["label"].astype(jnp.int32)
     tgt_images = augment.normalize(batch["target"]["image"])
 
     def loss_fn(params):
       src_loss, src_metrics, src_logits, _, bs = self.source_losses(
-          params, state.batch_stats, src_images, src_labels)
-      tgt_loss, tgt_metrics, tgt_logits, _, bs = self.target_losses(params, bs, tgt_images)
+          params, state.batch_stats, src_images, src_labels, base.dropout_key(key, 0))
+      tgt_loss, tgt_metrics, tgt_logits, _, bs = self.target_losses(
+          params, bs, tgt_images, base.dropout_key(key, 1))
       return src_loss + tgt_loss, ({**src_metrics, **tgt_metrics}, bs, src_logits, tgt_logits)
 
     (loss, (metrics, batch_stats, src_logits, tgt_logits)), grads = jax.value_and_grad(

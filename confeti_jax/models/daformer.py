@@ -17,8 +17,9 @@ and 'fused' (the head's 256-channel map before dropout, stride 4). CONFETI's CAM
 projection heads read 'fused', as the DAFormer-based prototype methods (SePiCo) attach
 theirs to the decoder's features; CFContra's banks read 'layer4' as on DeepLabV2.
 Parameter layout: the encoder under 'backbone' (base learning rate), everything else in
-the x10 head group, as the DAFormer recipe. Dropout and stochastic depth run only in
-train mode with a 'dropout' RNG (the student; the teacher never drops, as DAFormer).
+the x10 head group, as the DAFormer recipe. Dropout and stochastic depth run exactly
+when a 'dropout' RNG is given (the student; the teacher never drops, as DAFormer),
+whatever `train` (BatchNorm's mode) is.
 """
 
 from typing import Any
@@ -121,7 +122,7 @@ class DAFormer(nn.Module):
     if self.proj_dim:
       feats = {**feats, "proj": self._conv1x1(fused, self.proj_dim, "conv_proj")}
     y = nn.Dropout(DROPOUT, broadcast_dims=(1, 2), name="dropout")(
-        fused, deterministic=not (train and self.has_rng("dropout")))
+        fused, deterministic=not self.has_rng("dropout"))
     logits = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                   kernel_init=classifier_init, name="conv_seg")(y)
     return logits.astype(jnp.float32), feats

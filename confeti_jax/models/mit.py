@@ -12,8 +12,10 @@ by a sr x sr stride-sr convolution (sr 8 / 4 / 2 / 1 per stage) and a LayerNorm 
 applies; its XLA form computes the logits and the softmax in float32 for bfloat16
 inputs. Mix-FFN is Linear(C, 4C), a 3x3 depthwise convolution with bias, exact GELU,
 Linear(4C, C). Each stage ends with a LayerNorm (eps 1e-6). Stochastic depth rises
-linearly from 0 to `drop_path_rate` (0.1) over all blocks; it is applied in train mode
-when a 'dropout' RNG is given (the student), never to the teacher, as DAFormer.
+linearly from 0 to `drop_path_rate` (0.1) over all blocks; it is applied exactly when a
+'dropout' RNG is given (the student's forwards), never to the teacher, as DAFormer. It
+does not follow `train` (BatchNorm's mode), so a method that normalises with running
+statistics (MinEnt's `bn_eval`) still drops.
 
 Outputs {'layer1'..'layer4'} at strides 4 / 8 / 16 / 32, the names ResNet uses, so the
 feature distance and the heads read them alike. Parameter names mirror the torch
@@ -68,9 +70,10 @@ def check_variant(name):
   return MIT_VARIANTS[name]
 
 
-def drop_path(module, x, rate, train):
-  """timm's DropPath: each sample's residual branch dropped with probability `rate`."""
-  if not train or rate == 0.0 or not module.has_rng("dropout"):
+def drop_path(module, x, rate):
+  """timm's DropPath: each sample's residual branch dropped with probability `rate`
+  (only when the caller gives a 'dropout' RNG)."""
+  if rate == 0.0 or not module.has_rng("dropout"):
     return x
   keep = 1.0 - rate
   mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -144,17 +147,17 @@ class MiTBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, hw, train):
-    # `hw` and `train` are positional so nn.remat can mark them static.
+  def __call__(self, x, hw):
+    # `hw` is positional so nn.remat can mark it static.
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
     y = EfficientAttention(self.dim, self.num_heads, self.sr_ratio, self.dtype,
                            name="attn")(norm("norm1")(x), hw)
-    x = x + drop_path(self, y, self.drop_path_rate, train)
+    x = x + drop_path(self, y, self.drop_path_rate)
     y = MixFFN(self.dim, self.dtype, name="mlp")(norm("norm2")(x), hw)
-    return x + drop_path(self, y, self.drop_path_rate, train)
+    return x + drop_path(self, y, self.drop_path_rate)
 
 
-_REMAT_BLOCK = nn.remat(MiTBlock, static_argnums=(2, 3))
+_REMAT_BLOCK = nn.remat(MiTBlock, static_argnums=(2,))
 
 
 class PatchEmbed(nn.Module):
@@ -192,6 +195,7 @@ class MixVisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool) -> dict:
+    del train  # LayerNorm only: no mode; stochastic depth follows the 'dropout' RNG
     dims, depths = check_variant(self.variant)
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths))
     remat = remat_stages(self.remat)
@@ -203,7 +207,7 @@ class MixVisionTransformer(nn.Module):
       block = _REMAT_BLOCK if f"layer{i + 1}" in remat else MiTBlock
       for j in range(depth):
         tokens = block(dim, NUM_HEADS[i], SR_RATIOS[i], float(rates[k]), self.dtype,
-                       name=f"block{i + 1}_{j}")(tokens, hw, train)
+                       name=f"block{i + 1}_{j}")(tokens, hw)
         k += 1
       tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm{i + 1}")(tokens)
       x = tokens.reshape(x.shape[0], *hw, dim)
