@@ -36,7 +36,8 @@ SHORT_NAMES = {
     "motorcycle": "mbike", "bicycle": "bike",
 }
 
-# SYNTHIA -> Cityscapes reports over Cityscapes trainIds (DAFormer convention, §7):
+# SYNTHIA -> Cityscapes reports over Cityscapes trainIds (DAFormer convention,
+# docs/reference_code.md §7):
 # 16 classes drop terrain, truck and train; 13 classes also drop wall, fence and pole.
 SYNTHIA_SUBSETS = {
     "miou16": (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
@@ -346,7 +347,8 @@ class Evaluator:
     self.dataset = config.eval.dataset
     self.prefix = "eval" if self.dataset == "target" else f"eval_{self.dataset}"
     # class_set: 'cityscapes19', 'synthia19' (mIoU16/13 over 19-class trainIds) or
-    # 'synthia16' (16-class head; mIoU16 = mIoU, mIoU13 over its subset), spec §7.
+    # 'synthia16' (16-class head; mIoU16 = mIoU, mIoU13 over its subset),
+    # docs/reference_code.md §7.
     self.class_names, self.subsets = labels.class_set(config.class_set)[:2]
     step = make_eval_step(method.apply_eval, num_classes=method.num_classes,
                           mode=config.eval.mode, crop_size=tuple(config.eval.crop_size),

@@ -79,7 +79,8 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=IGNORE_INDEX):
 
 
 def masked_feature_distance(f1, f2, mask=None):
-  """Mean over masked cells of the per-cell L2 distance ||f1 - f2|| (DAFormer FD, §2.6).
+  """Mean over masked cells of the per-cell L2 distance ||f1 - f2|| (DAFormer FD,
+  docs/reference_code.md §2.6).
 
   The reference's `masked_feat_dist`: the channel-wise Euclidean norm of the difference
   at each cell of [B, h, w, C] feature maps, averaged over the cells where `mask` [B, h, w]

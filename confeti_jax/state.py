@@ -168,7 +168,8 @@ def copy_tree(tree):
 
 
 def ema_alpha(step, alpha=0.999):
-  """Mean-teacher rate alpha_t = min(1 - 1/(t+1), alpha) (DAFormer `_update_ema`, §2.1)."""
+  """Mean-teacher rate alpha_t = min(1 - 1/(t+1), alpha) (DAFormer `_update_ema`,
+  docs/reference_code.md §2.1)."""
   t = jnp.asarray(step, jnp.float32)
   return jnp.minimum(1.0 - 1.0 / (t + 1.0), alpha)
 

@@ -57,8 +57,8 @@ def base_config():
       kind="cityscapes", root="", scale=(1280, 640), keep_ratio=True, format="folder",
       tfds_dir=""))
   c.data.check_sizes = True  # read every PNG header at start-up (image/label sizes agree)
-  # Rare-class sampling (spec §2.4); statistics from scripts/prepare_data.py, read from
-  # `stats_dir` (default: the source root).
+  # Rare-class sampling (docs/reference_code.md §2.4); statistics from
+  # scripts/prepare_data.py, read from `stats_dir` (default: the source root).
   c.data.rcs = ml_collections.ConfigDict(dict(
       enabled=False, temperature=0.01, min_pixels=3000, min_crop_ratio=0.5, stats_dir=""))
   c.data.crop_size = (512, 512)

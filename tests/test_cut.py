@@ -64,7 +64,7 @@ def test_generator_small_parity_and_encode_only():
 
 def test_generator_nine_block_index_map():
   """The reference taps 0,4,8,12,16 (padded input, both down convs pre-norm, ResBlocks 1
-  and 5) with 9 blocks; at 512 and ngf 64 their shapes are spec §4.2's."""
+  and 5) with 9 blocks; at 512 and ngf 64 their shapes are docs/reference_code.md §4.2's."""
   net = tc.randomize(tc.t_generator(2, 9), 3)
   params = cut.convert_generator(tc.numpy_state(net))
   x = tc.random_images(4, (2, 16, 16, 3))

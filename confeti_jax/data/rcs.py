@@ -1,4 +1,6 @@
-"""Rare-class sampling (RCS) of source crops, as the reference UDA dataset (spec §2.4, §8.3).
+"""Rare-class sampling (RCS) of source crops, as the reference UDA dataset.
+
+docs/reference_code.md §2.4 and §8.3 give the reference's numbers.
 
 Per-image class pixel counts are computed once by `scripts/prepare_data.py` and stored
 beside the data in the reference's own format, so DAFormer-written files work too:

@@ -2,10 +2,11 @@
 
 CONFETI's stage 1 starts from a pre-trained CUT (`checkpoints/gta2cs_1080_512/
 latest_net_{G,D,F}.pth`, docs/reference_code.md §5); the script that trained it is not in the
-repository. This method trains it with the CUT defaults CONFETI runs (spec §4.2, the
-`method.cut` sub-dict): resnet_9blocks G, PatchGAN D, patch MLPs, LSGAN + PatchNCE with
-identity NCE, Adam 2e-4 (0.5, 0.999) at a constant rate, one D then one G + F step per
-iteration on batch_size source + batch_size target crops. There is nothing to evaluate
+repository. This method trains it with the CUT defaults CONFETI runs
+(docs/reference_code.md §4.2, the `method.cut` sub-dict): resnet_9blocks G, PatchGAN D,
+patch MLPs, LSGAN + PatchNCE with identity NCE, Adam 2e-4 (0.5, 0.999) at a constant
+rate, one D then one G + F step per iteration on batch_size source + batch_size target
+crops. There is nothing to evaluate
 (configs set eval.every_steps=0); G, D and F are in the checkpoint as `state.gen`,
 `state.disc`, `state.patch_mlp`.
 """

@@ -11,14 +11,14 @@ ADVENT (Vu et al. 2019, docs/peers.md §3.1) and the CFContra code built on it:
   forward passes, so BatchNorm sees each domain on its own.
 
 `method.multi_level` switches ADVENT's layer3 classifier on (the reference default).
-`method.bn_eval`: ADVENT keeps the network in train() mode, so BatchNorm normalises
-with batch statistics (and updates running ones) while its scale/bias are frozen
+`method.bn_eval`: ADVENT keeps the network in train() mode, so BatchNorm normalises with
+batch statistics (and updates running ones) while its scale/bias are frozen
 (`optim.freeze_bn`); bn_eval=True normalises with the running statistics instead (the
 usual meaning of "frozen BN"). On a MiT backbone the student's two forwards drop
 (DAFormer head dropout 0.1, stochastic depth) in either BatchNorm mode, as DAFormer's
-student does; DeepLabV2 has no dropout, so nothing changes there. The optimiser (ADVENT: SGD 2.5e-4, momentum 0.9, wd
-5e-4, heads x10, poly 0.9 over 250k of 120k steps) comes from `config.optim`; the toy
-keeps its AdamW.
+student does; DeepLabV2 has no dropout, so nothing changes there. The optimiser (ADVENT:
+SGD 2.5e-4, momentum 0.9, wd 5e-4, heads x10, poly 0.9 over 250k of 120k steps) comes
+from `config.optim`; the toy keeps its AdamW.
 """
 
 import math
