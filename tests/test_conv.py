@@ -11,9 +11,9 @@ from confeti_jax.models.conv import (
   Conv,
   ConvParams,
   conv2d,
+  conv_form,
   plain_conv,
   summed_dilated_conv,
-  uses_tap_gradient,
 )
 
 # (kernel, stride, padding, dilation, in, out): ResNet 1x1 (strided downsample too), 3x3
@@ -37,7 +37,7 @@ def test_tap_gradient_equals_xla_gradient(k, stride, pad, dil, cin, cout):
   pads = ((pad, pad), (pad, pad))
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   ref = lambda x, w: plain_conv(x, w, stride, pads, dil)
-  tap = lambda x, w: conv2d(x, w, stride=stride, padding=pad, dilation=dil, tap_gradient=True)
+  tap = lambda x, w: conv2d(x, w, stride=stride, padding=pad, dilation=dil, form="tap")
   np.testing.assert_allclose(tap(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
   g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
   g_tap = jax.jit(jax.grad(loss(tap), argnums=(0, 1)))(x, w)
@@ -47,7 +47,7 @@ def test_tap_gradient_equals_xla_gradient(k, stride, pad, dil, cin, cout):
 
 def test_bfloat16_gradient_close_to_float32():
   x, w = _data(3, 32, 32)
-  loss = lambda x, w: jnp.sum(conv2d(x, w, padding=1, tap_gradient=True).astype(jnp.float32))
+  loss = lambda x, w: jnp.sum(conv2d(x, w, padding=1, form="tap").astype(jnp.float32))
   gx, gw = jax.grad(loss, argnums=(0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   rx, rw = jax.grad(loss, argnums=(0, 1))(x, w)
   assert gx.dtype == gw.dtype == jnp.bfloat16
@@ -58,19 +58,57 @@ def test_weight_gradient_is_matrix_products_not_a_convolution():
   """The mechanism: the compiled weight gradient holds no convolution (XLA:CPU's slow
   form), while XLA's own holds one."""
   x, w = _data(1, 64, 64)
-  hlo = lambda tap: jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.sin(conv2d(
-      x, w, tap_gradient=tap))))).lower(w, x).compile().as_text()
-  assert "convolution(" in hlo(False)
-  assert "convolution(" not in hlo(True)
+  hlo = lambda form: jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.sin(conv2d(
+      x, w, form=form))))).lower(w, x).compile().as_text()
+  assert "convolution(" in hlo("xla")
+  assert "convolution(" not in hlo("tap")
 
 
 def test_formulation_choice():
-  assert uses_tap_gradient(1, 3, 19, backend="cpu")
-  assert uses_tap_gradient(3, 64, 64, backend="cpu")
-  assert not uses_tap_gradient(3, 3, 64, backend="cpu")      # image input
-  assert not uses_tap_gradient(3, 2048, 19, backend="cpu")   # class head
-  assert not uses_tap_gradient(1, 64, 64, backend="gpu")
-  assert not uses_tap_gradient(3, 64, 64, backend="tpu")
+  assert conv_form(1, 3, 19, backend="cpu") == "tap"
+  assert conv_form(3, 64, 64, backend="cpu") == "tap"
+  assert conv_form(3, 3, 64, stride=2, backend="cpu") == "xla"     # image input (stem)
+  assert conv_form(7, 64, 3, backend="cpu") == "to_image"          # CUT's output conv
+  assert conv_form(4, 512, 1, backend="cpu") == "to_image"         # PatchGAN's score
+  assert conv_form(4, 64, 1, stride=2, backend="cpu") == "xla"     # strided
+  assert conv_form(3, 2048, 19, backend="cpu") == "xla"            # class head
+  assert conv_form(1, 64, 64, backend="gpu") == "xla"
+  assert conv_form(7, 64, 3, backend="tpu") == "xla"
+
+
+# (kernel, padding, dilation, in, out): CUT's unpadded 7x7 output conv, PatchGAN's 4x4
+# score conv (an output one smaller than its input), a dilated 3x3 to 4 maps.
+IMAGE_CASES = [(7, 0, 1, 16, 3), (4, 1, 1, 16, 1), (3, 2, 2, 16, 4)]
+
+
+@pytest.mark.parametrize("k,pad,dil,cin,cout", IMAGE_CASES)
+def test_to_image_form_equals_xla(k, pad, dil, cin, cout):
+  """Forward, input and weight gradients of the to-image form agree with lax.conv's, and
+  its compiled forward holds no convolution (XLA:CPU's skinny one)."""
+  x, w = _data(k, cin, cout)
+  pads = ((pad, pad), (pad, pad))
+  ref = lambda x, w: plain_conv(x, w, 1, pads, dil)
+  ours = lambda x, w: conv2d(x, w, padding=pad, dilation=dil, form="to_image")
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+  assert "convolution(" not in jax.jit(ours).lower(x, w).compile().as_text()
+  assert "convolution(" in jax.jit(ref).lower(x, w).compile().as_text()
+
+
+def test_to_image_form_keeps_bfloat16():
+  x, w = _data(3, 16, 3)
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  f = lambda x, w: conv2d(x, w, padding=1, form="to_image")
+  assert f(x16, w16).dtype == jnp.bfloat16
+  loss = lambda x, w: jnp.sum(f(x, w).astype(jnp.float32))
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x16, w16)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  rw = jax.grad(loss, argnums=1)(x, w)
+  assert float(jnp.abs(gw.astype(jnp.float32) - rw).max()) <= 2e-2 * float(jnp.abs(rw).max())
 
 
 @pytest.mark.parametrize("k,pad,dil,bias", [(1, 0, 1, False), (3, 2, 2, True)])
