@@ -1,11 +1,10 @@
 """Import of pretrained and released PyTorch weights into the flax variable trees.
 
-The runtime reads `.npz` (written by `scripts/convert_weights.py`, torch key names) and
-`.safetensors` (timm) with numpy alone; a `.pth` is read only when torch happens to be
-installed, otherwise the error names the one-off conversion command. A state dict
-(torch key -> numpy array) is turned into {"params": ..., "batch_stats": ...} by a
-converter from `CONVERTERS` (format name -> function); other modules register theirs
-with `@register("name")`. Mechanical renaming rules (confeti_jax/models/resnet.py):
+Files are read by weights_files.py (`.npz`, `.safetensors`; `.pth` only with torch), whose
+names are re-exported here. A state dict (torch key -> numpy array) is turned into
+{"params": ..., "batch_stats": ...} by a converter from `CONVERTERS` (format name ->
+function); other modules register theirs with `@register("name")`. Mechanical renaming
+rules (confeti_jax/models/resnet.py):
 
   stem.0/.3/.6 (mmseg) or conv1.0/.3/.6 (timm)   -> backbone/stem_conv1..3
   stem.1/.4/.7 (mmseg) or conv1.1/.4, bn1 (timm) -> backbone/stem_bn1..3
@@ -23,8 +22,6 @@ The AdaIN VGG-19 encoder takes pytorch-AdaIN's vgg_normalised.pth or torchvision
 Any shape or key mismatch is an error listing the first missing / unexpected keys.
 """
 
-import functools
-import json
 import os
 import re
 
@@ -33,13 +30,18 @@ from flax import traverse_util
 
 from confeti_jax import weights_mit
 
+# Reading lives in weights_files.py; its names are re-exported so `weights.X` keeps working.
+from confeti_jax.weights_files import (  # noqa: F401
+  CONVERT_COMMAND,
+  WeightsError,
+  load_state_dict,
+  read_safetensors,
+  torch_to_numpy,
+  unwrap_checkpoint,
+)
+
 CONVERTERS = {}
-CONVERT_COMMAND = "python scripts/convert_weights.py IN.pth OUT.npz"
 _SHOW = 8  # keys listed in an error
-
-
-class WeightsError(ValueError):
-  """A weights file cannot be read or does not fit the model."""
 
 
 def register(name):
@@ -48,97 +50,6 @@ def register(name):
     CONVERTERS[name] = fn
     return fn
   return wrap
-
-
-# ----------------------------------------------------------------------------------------
-# Reading.
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                       "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_safetensors(path):
-  """{name: array} of a .safetensors file (8-byte header size, JSON header, raw data)."""
-  with open(path, "rb") as f:
-    data = f.read()
-  if len(data) < 8:
-    raise WeightsError(f"{path!r} is too short to be a .safetensors file.")
-  size = int.from_bytes(data[:8], "little")
-  try:
-    header = json.loads(data[8:8 + size])
-  except ValueError as e:
-    raise WeightsError(f"{path!r} has no valid safetensors header ({e}).") from e
-  body, out = memoryview(data)[8 + size:], {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    begin, end = info["data_offsets"]
-    raw = body[begin:end]
-    if info["dtype"] == "BF16":  # numpy has no bfloat16: widen the bits to float32
-      bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
-      array = bits.view(np.float32)
-    elif info["dtype"] in _SAFETENSORS_DTYPES:
-      array = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
-    else:
-      raise WeightsError(f"{path!r}: tensor {name!r} has unsupported dtype {info['dtype']}.")
-    out[name] = array.reshape(info["shape"]).copy()
-  return out
-
-
-def unwrap_checkpoint(obj):
-  """The state dict inside a saved object: mmcv's {"state_dict": ...}, {"model": ...}, ..."""
-  for key in ("state_dict", "model", "params"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      return obj[key]
-  return obj
-
-
-def torch_to_numpy(state_dict):
-  """{key: tensor} -> {key: numpy}; bfloat16/half become float32, non-tensors are dropped."""
-  import torch
-
-  out = {}
-  for key, value in state_dict.items():
-    if isinstance(value, torch.Tensor):
-      value = value.detach().cpu()
-      if value.dtype in (torch.bfloat16, torch.float16):
-        value = value.float()
-      out[key] = value.numpy()
-  return out
-
-
-def load_state_dict(path):
-  """{torch key: numpy array} from .npz, .safetensors, or (with torch installed) .pth.
-
-  Cached per (path, size, mtime): state init reads the same file more than once
-  (eval_shape, then the jitted init). Treat the result as read-only.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise WeightsError(f"Weights file {path!r} does not exist. Give a local path (nothing is "
-                       "downloaded); convert a .pth once with `" + CONVERT_COMMAND + "`.")
-  stat = os.stat(path)
-  return _load_cached(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_cached(path, size, mtime_ns):
-  del size, mtime_ns  # cache key only
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
-  if path.endswith(".safetensors"):
-    return read_safetensors(path)
-  try:
-    import torch
-  except ImportError as e:
-    raise WeightsError(
-        f"Reading {path!r} needs torch, which is not installed (it is not a runtime "
-        f"dependency). On any machine with torch run `{CONVERT_COMMAND}` and pass the .npz."
-    ) from e
-  return torch_to_numpy(unwrap_checkpoint(torch.load(path, map_location="cpu",
-                                                     weights_only=True)))
 
 
 # ----------------------------------------------------------------------------------------
