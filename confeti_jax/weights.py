@@ -35,7 +35,6 @@ from confeti_jax.weights_files import (  # noqa: F401
   CONVERT_COMMAND,
   WeightsError,
   load_state_dict,
-  read_safetensors,
   torch_to_numpy,
   unwrap_checkpoint,
 )

@@ -35,8 +35,8 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # the commit): the per-tap weight gradient wins from 32 channels on both sides, loses with
 # 3 input channels (2.5x) or 19 output channels (1.5-2x).
 MIN_TAP_CHANNELS = 32
-# Convolutions with at most this many channels on one side (images, masks) take the
-# image-side forms of `conv_form`.
+# Stride-1 convolutions to at most this many maps (images, score maps) take `conv_form`'s
+# 'to_image' form.
 IMAGE_CHANNELS = 4
 
 
